@@ -1,0 +1,186 @@
+"""Read built H5 files: shuffled training batches, evaluation users, the item corpus."""
+import json
+import os
+
+import h5py
+import numpy as np
+import torch
+from fuxictr.features import FeatureMap
+
+from ..errors import DataError
+from .feature_processor import HISTORY_FEATURE
+from .h5 import h5_num_rows, read_h5
+
+EVAL_COLUMNS = ("gt_indptr", "gt_items", "mask_indptr", "mask_items")
+META_COLUMNS = ("user_row", "raw_user_id", "raw_item_id", "item_index") + EVAL_COLUMNS
+
+
+def load_feature_map(data_dir, dataset_id):
+    path = os.path.join(data_dir, "feature_map.json")
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found (the dataset is not built)")
+    feature_map = FeatureMap(dataset_id, data_dir)
+    try:
+        feature_map.load(path, params={})
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise DataError(f"{path}: corrupt feature map ({exc})") from None
+    return feature_map
+
+
+def feature_columns(feature_map, source):
+    return [name for name, spec in feature_map.features.items() if spec.get("source") == source]
+
+
+def _check_range(path, name, values, feature_map):
+    spec = feature_map.features.get(name)
+    if spec is None or spec["type"] not in ("categorical", "sequence") or values.size == 0:
+        return
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= spec["vocab_size"]:
+        raise DataError(f"{path}: column {name} has ids in [{low}, {high}], outside the vocabulary "
+                        f"[0, {spec['vocab_size'] - 1}] of feature_map.json")
+
+
+def to_tensors(columns, names):
+    return {name: torch.from_numpy(np.ascontiguousarray(columns[name])) for name in names}
+
+
+class ItemCorpus:
+    """All item-side columns of `item_corpus.h5` as tensors; row index = item index.
+
+    Args:
+        path: the item corpus file.
+        feature_map: FuxiCTR feature map of the dataset.
+    """
+
+    def __init__(self, path, feature_map):
+        names = feature_columns(feature_map, "item")
+        columns = read_h5(path, required=names)
+        for name in names:
+            _check_range(path, name, columns[name], feature_map)
+        self.num_items = len(columns["item_id"])
+        self.features = to_tensors(columns, names)
+        self.raw_ids = columns.get("raw_item_id")
+
+    def gather(self, item_index):
+        """Item-side inputs of `item_index` (any shape [...]) -> name -> tensor [..., *feature]."""
+        return {name: values[item_index] for name, values in self.features.items()}
+
+
+class TrainLoader:
+    """Shuffled mini-batches of `train.h5`, read block by block.
+
+    Args:
+        path: the training file.
+        feature_map: the dataset's feature map (user-side columns are returned).
+        batch_size: rows per batch.
+        block_size: rows read from disk at a time; blocks are visited in random order and
+            shuffled inside.
+        shuffle: shuffle blocks and rows.
+        seed: seed of the shuffling; each epoch draws a new order from it.
+        num_items: size of the item corpus, to check `item_index` ranges.
+    """
+
+    def __init__(self, path, feature_map, batch_size=256, block_size=1_000_000, shuffle=True, seed=2023,
+                 num_items=None):
+        self.path = path
+        self.user_columns = feature_columns(feature_map, "user")
+        self.columns = self.user_columns + ["item_index"]
+        self.num_rows = h5_num_rows(path, "item_index")
+        if self.num_rows == 0:
+            raise DataError(f"{path}: the training split is empty")
+        self.batch_size, self.block_size, self.shuffle = batch_size, block_size, shuffle
+        self.rng = np.random.RandomState(seed)
+        self.feature_map, self.num_items = feature_map, num_items
+        with h5py.File(path, "r") as fd:
+            missing = [c for c in self.columns if c not in fd]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing}")
+
+    def __len__(self):
+        return (self.num_rows + self.batch_size - 1) // self.batch_size
+
+    def _read_block(self, start, stop):
+        with h5py.File(self.path, "r") as fd:
+            block = {name: fd[name][start:stop] for name in self.columns}
+        for name in self.user_columns:
+            _check_range(self.path, name, block[name], self.feature_map)
+            if block[name].dtype.kind == "f" and np.isnan(block[name]).any():
+                raise DataError(f"{self.path}: column {name} contains NaN")
+        targets = block["item_index"]
+        if self.num_items is not None and (targets.min() < 0 or targets.max() >= self.num_items):
+            raise DataError(f"{self.path}: column item_index has ids outside [0, {self.num_items - 1}]")
+        return block
+
+    def __iter__(self):
+        starts = np.arange(0, self.num_rows, self.block_size)
+        if self.shuffle:
+            starts = self.rng.permutation(starts)
+        carry = None
+        for start in starts:
+            block = self._read_block(start, min(start + self.block_size, self.num_rows))
+            order = self.rng.permutation(len(block["item_index"])) if self.shuffle else None
+            if order is not None:
+                block = {k: v[order] for k, v in block.items()}
+            if carry is not None:
+                block = {k: np.concatenate([carry[k], block[k]]) for k in block}
+            n_full = len(block["item_index"]) // self.batch_size * self.batch_size
+            for lo in range(0, n_full, self.batch_size):
+                yield to_tensors({k: v[lo:lo + self.batch_size] for k, v in block.items()}, self.columns)
+            carry = {k: v[n_full:] for k, v in block.items()} if n_full < len(block["item_index"]) else None
+        if carry is not None:
+            yield to_tensors(carry, self.columns)
+
+    def item_counts(self, num_items):
+        """Training frequency of every item (for popularity sampling and the Popularity model)."""
+        with h5py.File(self.path, "r") as fd:
+            return np.bincount(fd["item_index"][()], minlength=num_items)
+
+
+class EvalUsers:
+    """Held-out users of `valid.h5` / `test.h5`: user-side inputs and ground truth CSR.
+
+    Args:
+        path: the split file.
+        feature_map: the dataset's feature map.
+        num_items: size of the item corpus, to check id ranges.
+        max_users: evaluate a seeded random subset of this many users (None = all).
+        seed: seed of that subset (identical across models for the same dataset and seed).
+    """
+
+    def __init__(self, path, feature_map, num_items, max_users=None, seed=2023):
+        self.user_columns = feature_columns(feature_map, "user")
+        columns = read_h5(path, required=self.user_columns + list(EVAL_COLUMNS))
+        for name in self.user_columns:
+            _check_range(path, name, columns[name], feature_map)
+        for name in ("gt_items", "mask_items"):
+            values = columns[name]
+            if values.size and (values.min() < 0 or values.max() >= num_items):
+                raise DataError(f"{path}: column {name} has item ids outside [0, {num_items - 1}]")
+        n_users = len(columns["gt_indptr"]) - 1
+        if n_users <= 0:
+            raise DataError(f"{path}: no evaluation user")
+        rows = np.arange(n_users)
+        if max_users is not None and max_users < n_users:
+            rows = np.sort(np.random.RandomState(seed).choice(n_users, max_users, replace=False))
+        self.rows = rows
+        self.inputs = {name: columns[name][rows] for name in self.user_columns}
+        self.gt_indptr, self.gt_items = _take_csr(columns["gt_indptr"], columns["gt_items"], rows)
+        self.mask_indptr, self.mask_items = _take_csr(columns["mask_indptr"], columns["mask_items"], rows)
+        self.raw_user_ids = columns.get("raw_user_id", rows)[rows] if "raw_user_id" in columns else rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def batch(self, start, stop):
+        return to_tensors({k: v[start:stop] for k, v in self.inputs.items()}, self.user_columns)
+
+
+def _take_csr(indptr, items, rows):
+    lengths = indptr[rows + 1] - indptr[rows]
+    new_indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    new_indptr[1:] = np.cumsum(lengths)
+    if len(rows) == len(indptr) - 1:
+        return indptr.astype(np.int64), items.astype(np.int64)
+    take = np.concatenate([np.arange(indptr[r], indptr[r + 1]) for r in rows]) if len(rows) else []
+    return new_indptr, items[np.asarray(take, dtype=np.int64)].astype(np.int64)

@@ -1,0 +1,46 @@
+"""FuxiCTR feature embeddings, split by side (user / item) for matching models."""
+import torch
+from torch import nn
+from fuxictr.pytorch.layers import FeatureEmbeddingDict
+
+from ..data.feature_processor import HISTORY_FEATURE
+
+
+class FieldEmbedding(nn.Module):
+    """One FuxiCTR `FeatureEmbeddingDict` for both sides (the history shares the item id table).
+
+    Args:
+        feature_map: FuxiCTR FeatureMap of the dataset.
+        embedding_dim: size D of every field embedding.
+    """
+
+    def __init__(self, feature_map, embedding_dim=64):
+        super().__init__()
+        self.feature_map = feature_map
+        self.embedding_dim = embedding_dim
+        self.embeddings = FeatureEmbeddingDict(feature_map, embedding_dim)
+
+    def field_names(self, source, exclude=()):
+        return [name for name, spec in self.feature_map.features.items()
+                if spec.get("source") == source and name not in exclude]
+
+    def num_fields(self, source, exclude=()):
+        return len(self.field_names(source, exclude))
+
+    def fields(self, inputs, source, exclude=()):
+        """Field embeddings of one side: [B, F, D]; sequences are mean-pooled over non-padding."""
+        names = [n for n in self.field_names(source, exclude) if n in inputs]
+        embedded = self.embeddings({n: inputs[n] for n in names})
+        out = []
+        for name in names:
+            emb = embedded[name]
+            if self.feature_map.features[name]["type"] == "sequence":   # [B, L, D] -> [B, D]
+                mask = (inputs[name] != 0).unsqueeze(-1).float()
+                emb = (emb * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            out.append(emb)
+        return torch.stack(out, dim=1)                                   # [B, F, D]
+
+    def sequence(self, inputs, name=HISTORY_FEATURE):
+        """A sequence feature unpooled: (embeddings [B, L, D], valid mask [B, L] bool)."""
+        ids = inputs[name]
+        return self.embeddings({name: ids})[name], ids != 0

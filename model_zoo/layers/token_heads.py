@@ -1,0 +1,84 @@
+"""Token heads: turn a tokenizer's output into K token vectors (SparCode Eq. 6, Sec. 4.1.3).
+
+- ``linear``: K linear heads over a feature vector. Input [B, input_dim] (or [B, num_fields, input_dim],
+  flattened first when ``num_fields`` is given) -> [B, K, token_dim]. Implemented as one Linear layer
+  with K * token_dim outputs, which is exactly K independent linear heads.
+- ``senet``: input field (or sequence-position) embeddings [B, num_fields, input_dim]. Every token k has
+  its own squeeze-excitation (fuxictr ``SqueezeExcitation``: mean over the embedding axis, bottleneck
+  MLP, one weight per field) that reweights the fields, followed by its own linear head over the
+  flattened reweighted fields. Different tokens can thus attend to different fields or history
+  positions (different interests), which a shared reweighting followed by linear heads could not.
+"""
+import torch
+from torch import nn
+from fuxictr.pytorch.layers import SqueezeExcitation
+
+HEAD_TYPES = ("linear", "senet")
+
+
+class TokenHeads(nn.Module):
+    """Map a feature vector or field embeddings to ``num_tokens`` token vectors.
+
+    Args:
+        input_dim: size of the last input axis (feature vector size for "linear", per-field embedding
+            size for "senet").
+        num_tokens: K, number of tokens produced.
+        token_dim: D_T, size of every token.
+        head_type: "linear" (default) or "senet".
+        num_fields: number of fields of a [B, num_fields, input_dim] input; required for "senet",
+            optional for "linear" (then the input is flattened). Default None.
+        reduction_ratio: bottleneck ratio of the squeeze-excitation ("senet"). Default 3.
+        excitation_activation: "Sigmoid" (default, as in the SENet paper) or "ReLU" (as in FiBiNET)
+            at the end of every excitation ("senet").
+    """
+
+    def __init__(self,
+                 input_dim=64,
+                 num_tokens=2,
+                 token_dim=64,
+                 head_type="linear",
+                 num_fields=None,
+                 reduction_ratio=3,
+                 excitation_activation="Sigmoid"):
+        super().__init__()
+        if head_type not in HEAD_TYPES:
+            raise ValueError(f"TokenHeads: head_type={head_type!r}, expected one of {HEAD_TYPES}")
+        for name, value in (("input_dim", input_dim), ("num_tokens", num_tokens), ("token_dim", token_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TokenHeads: {name} must be a positive int, got {value!r}")
+        if num_fields is not None and (isinstance(num_fields, bool) or not isinstance(num_fields, int)
+                                       or num_fields < 1):
+            raise ValueError(f"TokenHeads: num_fields must be a positive int or None, got {num_fields!r}")
+        if head_type == "senet" and num_fields is None:
+            raise ValueError("TokenHeads: head_type='senet' needs num_fields (input [B, num_fields, input_dim])")
+        if str(excitation_activation).lower() not in ("sigmoid", "relu"):
+            raise ValueError(f"TokenHeads: excitation_activation={excitation_activation!r}, "
+                             f"expected 'Sigmoid' or 'ReLU'")
+        self.input_dim = input_dim
+        self.num_tokens = num_tokens
+        self.token_dim = token_dim
+        self.head_type = head_type
+        self.num_fields = num_fields
+        flat_dim = input_dim * (num_fields or 1)
+        if head_type == "linear":
+            self.heads = nn.Linear(flat_dim, num_tokens * token_dim)
+        else:
+            self.excitations = nn.ModuleList(
+                SqueezeExcitation(num_fields, reduction_ratio, excitation_activation) for _ in range(num_tokens))
+            self.heads = nn.ModuleList(nn.Linear(flat_dim, token_dim) for _ in range(num_tokens))
+
+    def forward(self, inputs):
+        """inputs [B, input_dim] or [B, num_fields, input_dim] -> tokens [B, num_tokens, token_dim]."""
+        expected = (self.num_fields, self.input_dim) if self.num_fields else (self.input_dim,)
+        if tuple(inputs.shape[1:]) != expected:
+            raise ValueError(f"TokenHeads: input shape {tuple(inputs.shape)}, expected [B, "
+                             f"{', '.join(map(str, expected))}]")
+        if self.head_type == "linear":
+            return self.heads(inputs.flatten(1)).view(-1, self.num_tokens, self.token_dim)
+        tokens = [head(excitation(inputs).flatten(1))                                 # each [B, token_dim]
+                  for excitation, head in zip(self.excitations, self.heads)]
+        return torch.stack(tokens, dim=1)                                              # [B, K, token_dim]
+
+    def extra_repr(self):
+        return (f"head_type={self.head_type!r}, input_dim={self.input_dim}, num_fields={self.num_fields}, "
+                f"num_tokens={self.num_tokens}, token_dim={self.token_dim}")

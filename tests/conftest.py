@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny demo dataset in a temporary config folder."""
+import os
+import shutil
+
+import pytest
+import yaml
+
+from model_zoo.data.demo import generate_demo
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def shared_path(*parts):
+    """Path under ../shared/data, or skip the test when that folder is absent."""
+    path = os.path.join(SHARED_DATA, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f"shared data {path} is absent (only on the project's machines)")
+    return path
+
+
+TINY_FEATURES = [
+    {"name": "age_band", "type": "categorical", "source": "user"},
+    {"name": "region", "type": "categorical", "source": "user"},
+    {"name": "activity", "type": "numeric", "source": "user", "normalizer": "StandardScaler"},
+    {"name": "category", "type": "categorical", "source": "item"},
+    {"name": "tags", "type": "sequence", "source": "item", "max_len": 4},
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_raw(tmp_path_factory):
+    """Raw CSVs of a small demo (300 users, 200 items), generated once per session."""
+    raw = tmp_path_factory.mktemp("tiny_raw")
+    generate_demo(str(raw), num_users=300, num_items=200, seed=7)
+    return str(raw)
+
+
+def write_config(root, raw_dir, model_entries, dataset_overrides=None):
+    """A config folder with dataset `tiny` (csv source over raw_dir) and the given expids."""
+    config = os.path.join(root, "config")
+    os.makedirs(os.path.join(config, "model_config"), exist_ok=True)
+    dataset = {"source": "csv", "raw_dir": raw_dir, "data_root": os.path.join(root, "data"),
+               "max_len": 10, "feature_cols": TINY_FEATURES}
+    dataset.update(dataset_overrides or {})
+    with open(os.path.join(config, "dataset_config.yaml"), "w") as fd:
+        yaml.safe_dump({"tiny": dataset}, fd)
+    base = {"model_root": os.path.join(root, "checkpoints"), "verbose": 0, "epochs": 1,
+            "max_steps_per_epoch": 5, "batch_size": 64, "num_negatives": 20, "embedding_dim": 16}
+    with open(os.path.join(config, "model_config", "models.yaml"), "w") as fd:
+        yaml.safe_dump({"Base": base, **model_entries}, fd)
+    return config
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_raw):
+    """Config folder with DSSM_tiny and Popularity_tiny over a private copy of the tiny raw data."""
+    raw = tmp_path / "raw"
+    shutil.copytree(tiny_raw, raw)
+    entries = {
+        "DSSM_tiny": {"model": "DSSM", "dataset_id": "tiny", "user_hidden_units": [32],
+                      "item_hidden_units": [32]},
+        "Popularity_tiny": {"model": "Popularity", "dataset_id": "tiny"},
+    }
+    return write_config(str(tmp_path), str(raw), entries)

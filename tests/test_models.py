@@ -1,0 +1,107 @@
+"""One parametrized test over the model registry, plus two-tower serving checks."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from model_zoo import MODELS, get_model
+from model_zoo.config import load_config
+from model_zoo.data.loaders import EvalUsers, ItemCorpus, TrainLoader, load_feature_map
+from model_zoo.data.pipeline import build_dataset
+from model_zoo.retrieval.faiss_index import FaissRetriever
+
+from .conftest import write_config
+
+REPO_CONFIG = os.path.join(os.path.dirname(__file__), "..", "config")
+SHRINK = {"embedding_dim": 16, "hidden_units": [16], "user_hidden_units": [16], "item_hidden_units": [16],
+          "token_dim": 16, "num_negatives": 10, "batch_size": 32}
+
+
+def _tiny_model(tmp_path, tiny_raw, name):
+    """The model's demo expid, moved onto the tiny dataset and shrunk."""
+    entry = {k: v for k, v in load_config(REPO_CONFIG, f"{name}_demo_001").items()}
+    keep = {k: v for k, v in entry.items() if k in _own_keys(name) or k in ("model", "negative_sampler")}
+    keep.update({k: v for k, v in SHRINK.items() if k in _own_keys(name) or k in ("num_negatives", "batch_size")})
+    keep["dataset_id"] = "tiny"
+    config = write_config(str(tmp_path), tiny_raw, {"X_tiny": keep})
+    params = load_config(config, "X_tiny")
+    data_dir = build_dataset(params)
+    feature_map = load_feature_map(data_dir, "tiny")
+    corpus = ItemCorpus(os.path.join(data_dir, "item_corpus.h5"), feature_map)
+    train = TrainLoader(os.path.join(data_dir, "train.h5"), feature_map, params["batch_size"], seed=1)
+    torch.manual_seed(0)
+    model = get_model(name)(feature_map, **params)
+    model.set_item_corpus(corpus, train.item_counts(corpus.num_items))
+    valid = EvalUsers(os.path.join(data_dir, "valid.h5"), feature_map, corpus.num_items)
+    return model, train, valid
+
+
+def _own_keys(name):
+    import inspect
+    keys = set()
+    for cls in get_model(name).__mro__:
+        if "__init__" in cls.__dict__:
+            keys |= set(inspect.signature(cls.__init__).parameters)
+    return keys - {"self", "feature_map", "kwargs"}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_builds_trains_and_evaluates(name, tmp_path, tiny_raw):
+    model, train, valid = _tiny_model(tmp_path, tiny_raw, name)
+    batch = next(iter(train))
+    positives = batch.pop("item_index")
+    if model.trainable:
+        model.train()
+        loss = model.sampled_softmax_loss(batch, positives)
+        assert torch.isfinite(loss)
+        loss.backward()
+        for pname, param in model.named_parameters():
+            if param.requires_grad:
+                assert param.grad is not None, f"{name}: {pname} got no gradient"
+                assert torch.isfinite(param.grad).all(), f"{name}: {pname} has a NaN gradient"
+    metrics = model.evaluate(valid)
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    topk = model.retrieve(valid, 20)
+    for u in range(len(valid)):
+        seen = set(valid.mask_items[valid.mask_indptr[u]:valid.mask_indptr[u + 1]])
+        assert not seen & set(topk[u]), f"{name}: a history item was retrieved"
+
+
+def test_unknown_hyperparameter_raises_naming_it(tmp_path, tiny_raw):
+    model, _, _ = _tiny_model(tmp_path, tiny_raw, "DSSM")
+    with pytest.raises(ValueError, match="hidden_unitz"):
+        get_model("DSSM")(model.feature_map, hidden_unitz=[3])
+
+
+def test_dssm_faiss_flat_ip_equals_exact_scoring(tmp_path, tiny_raw):
+    model, train, valid = _tiny_model(tmp_path, tiny_raw, "DSSM")
+    model.compile()
+    model.fit(train, epochs=1)
+    model.eval()
+    exact = model.retrieve(valid, 20)
+    with torch.no_grad():
+        items = model.all_item_repr().numpy()
+        users = model.encode_users(valid.batch(0, len(valid))).numpy()
+    index = FaissRetriever("flat_ip", dim=items.shape[1])
+    index.add(items)
+    _, ids = index.search(users, 20, valid.mask_indptr, valid.mask_items)
+    scores = users @ items.T
+    for u in range(len(valid)):      # equal sets up to float ties at the boundary
+        if not np.array_equal(ids[u], exact[u]):
+            assert np.allclose(np.sort(scores[u, ids[u]]), np.sort(scores[u, exact[u]]), atol=1e-5)
+
+
+def test_checkpoint_round_trip_and_corrupt_file(tmp_path, tiny_raw):
+    model, _, valid = _tiny_model(tmp_path, tiny_raw, "DSSM")
+    model.save_weights(model.checkpoint)
+    before = model.evaluate(valid)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model.load_weights(model.checkpoint)
+    assert model.evaluate(valid) == before
+    with open(model.checkpoint, "wb") as fd:
+        fd.write(b"garbage")
+    with pytest.raises(ValueError, match=os.path.basename(model.checkpoint)):
+        model.load_weights(model.checkpoint)
