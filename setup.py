@@ -27,6 +27,7 @@ setup(
         "faiss-cpu",
         "tqdm",
         "pyarrow",
+        "numba",
     ],
     extras_require={
         "test": ["pytest"],
