@@ -18,8 +18,18 @@ from .errors import ConfigError
 DATASET_DEFAULTS = {
     "dataset_id": None,
     "data_root": "./data/",
-    "source": "csv",            # how raw files are read: demo | csv (see model_zoo/data/sources.py)
+    "source": "csv",            # how raw files are read: demo | csv | movielens | recbole | deezer | bars | pairs
+                                # (see model_zoo/data/sources.py)
     "raw_dir": None,            # default: <data_root>/<dataset_id>/raw
+    "release": None,            # official release `python -m model_zoo.data.download <release>` fetches
+                                # (ml100k, ml1m, ml10m, deezer_ttsvd, deezer_utals, gowalla_m1, ...); None = none
+    "files": None,              # {role: file name} overriding the source's default raw file names
+    "rating_col": "rating",
+    "rating_threshold": None,   # keep interactions rated >= this; None = source default (movielens: 4); 0 = keep all
+    "valid_fraction": None,     # given splits without a validation file: None = validate on test (BARS),
+                                # else this fraction of train users get their last items held out
+    "train_user_table": False,  # True: train.h5 holds user_row + item_index, user features are in users.h5
+                                # once per user (needed for Deezer at full scale; the loader gathers them)
     "feature_cols": (),         # side features; the item id and history features are added automatically
     "user_id_col": "user_id",
     "item_id_col": "item_id",
@@ -61,9 +71,23 @@ TRAINING_DEFAULTS = {
     "num_threads": None,
     "verbose": 1,
     "gpu": -1,
+    # serving (model_zoo/retrieval/serving.py; validated there)
+    "serve": True,                  # after training: SparCode sparse index / two-tower faiss comparators
+    "sparsity_bias": None,          # b~ of Eq. 15; None = the trained b (unless target_sparsity is set)
+    "target_sparsity": None,        # pick b~ so this share of (key, item) scores is dropped, e.g. 0.99
+    "index_top_l": None,            # keep at most L items per key; None = every positive score
+    "index_max_keys": 1_000_000,    # all N^M keys if N^M <= this, else the keys seen on training users
+    "index_score_dtype": "float32",  # float32 | float16 posting scores
+    "unseen_key": "nearest",        # query key not indexed: nearest | skip | score
+    "faiss_nlist": None,            # IVFPQ cells; None = round(4 * sqrt(n_items))
+    "faiss_m": 8,                   # IVFPQ sub-quantizers
+    "faiss_nprobe": 16,             # IVFPQ cells visited per query
+    "hnsw_m": 32,                   # HNSW graph degree
+    "hnsw_ef_search": 128,          # HNSW search beam width
 }
 
-FLOAT_KEYS = ("learning_rate", "temperature", "sampler_alpha", "history_ratio")
+FLOAT_KEYS = ("learning_rate", "temperature", "sampler_alpha", "history_ratio", "rating_threshold",
+              "valid_fraction")
 INT_KEYS = ("epochs", "batch_size", "eval_batch_size", "num_negatives", "embedding_dim",
             "early_stop_patience", "max_len", "min_history", "seed", "split_seed")
 

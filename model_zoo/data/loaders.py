@@ -85,7 +85,16 @@ class TrainLoader:
                  num_items=None):
         self.path = path
         self.user_columns = feature_columns(feature_map, "user")
-        self.columns = self.user_columns + ["item_index"]
+        with h5py.File(path, "r") as fd:
+            present = set(fd.keys())
+        # train_user_table layout: user columns absent from train.h5 are gathered from users.h5 by user_row
+        self.gathered = [c for c in self.user_columns if c not in present]
+        self.user_table = None
+        if self.gathered and "user_row" in present:
+            users_path = os.path.join(os.path.dirname(path), "users.h5")
+            self.user_table = read_h5(users_path, required=self.gathered)
+        row_columns = [c for c in self.user_columns if c not in self.gathered or self.user_table is None]
+        self.columns = row_columns + ["item_index"] + (["user_row"] if self.user_table is not None else [])
         self.num_rows = h5_num_rows(path, "item_index")
         if self.num_rows == 0:
             raise DataError(f"{path}: the training split is empty")
@@ -97,12 +106,20 @@ class TrainLoader:
         if missing:
             raise DataError(f"{path}: missing column(s) {missing}")
 
+    @property
+    def output_columns(self):
+        return self.user_columns + ["item_index"]
+
     def __len__(self):
         return (self.num_rows + self.batch_size - 1) // self.batch_size
 
     def _read_block(self, start, stop):
         with h5py.File(self.path, "r") as fd:
             block = {name: fd[name][start:stop] for name in self.columns}
+        if self.user_table is not None:
+            rows = block.pop("user_row")
+            for name in self.gathered:
+                block[name] = self.user_table[name][rows]
         for name in self.user_columns:
             _check_range(self.path, name, block[name], self.feature_map)
             if block[name].dtype.kind == "f" and np.isnan(block[name]).any():
@@ -126,10 +143,10 @@ class TrainLoader:
                 block = {k: np.concatenate([carry[k], block[k]]) for k in block}
             n_full = len(block["item_index"]) // self.batch_size * self.batch_size
             for lo in range(0, n_full, self.batch_size):
-                yield to_tensors({k: v[lo:lo + self.batch_size] for k, v in block.items()}, self.columns)
+                yield to_tensors({k: v[lo:lo + self.batch_size] for k, v in block.items()}, self.output_columns)
             carry = {k: v[n_full:] for k, v in block.items()} if n_full < len(block["item_index"]) else None
         if carry is not None:
-            yield to_tensors(carry, self.columns)
+            yield to_tensors(carry, self.output_columns)
 
     def item_counts(self, num_items):
         """Training frequency of every item (for popularity sampling and the Popularity model)."""
