@@ -68,6 +68,10 @@ class MatchModel(BaseModel):
             training key raises ValueError naming it.
     """
     trainable = True
+    # Ranking: (user, item) pairs per block of users (None: eval_batch_size users per block), and
+    # seconds between log lines with progress and remaining time (None: only the tqdm bar, if verbose).
+    eval_pairs_per_block = None
+    ranking_log_seconds = None
 
     def __init__(self, feature_map, model_id="MatchModel", gpu=-1, learning_rate=1.e-3, optimizer="adam",
                  temperature=1.0, num_negatives=100, negative_sampler="uniform", sampler_alpha=0.75,
@@ -289,15 +293,25 @@ class MatchModel(BaseModel):
         """Exact top-k item indices of every evaluation user, history items masked."""
         self.eval()
         item_repr = self.all_item_repr()
-        results = []
-        progress = tqdm(range(0, len(eval_users), self.eval_batch_size), disable=not self._verbose,
-                        desc="rank", leave=False)
-        for start in progress:
-            stop = min(start + self.eval_batch_size, len(eval_users))
+        block = self.eval_batch_size
+        if self.eval_pairs_per_block:
+            block = max(1, min(block, self.eval_pairs_per_block // max(self.item_corpus.num_items, 1)))
+        results, num_users = [], len(eval_users)
+        progress = tqdm(total=num_users, unit="user", disable=not self._verbose, desc="rank", leave=False)
+        started = last_log = time.time()
+        for start in range(0, num_users, block):
+            stop = min(start + block, num_users)
             inputs = {k_: v.to(self.device) for k_, v in eval_users.batch(start, stop).items()}
             scores = self.full_scores(inputs, item_repr)
             _, ids = masked_topk(scores, k, eval_users.mask_indptr, eval_users.mask_items, row_offset=start)
             results.append(ids.cpu().numpy() if torch.is_tensor(ids) else ids)
+            progress.update(stop - start)
+            if self.ranking_log_seconds is not None and time.time() - last_log >= self.ranking_log_seconds:
+                last_log = time.time()
+                elapsed = last_log - started
+                logging.info(f"rank: {stop}/{num_users} users x {self.item_corpus.num_items} items, "
+                             f"{elapsed:.0f} s elapsed, about {elapsed * (num_users - stop) / stop:.0f} s left")
+        progress.close()
         return np.concatenate(results)
 
     def evaluate(self, data_generator, metrics=None):

@@ -17,6 +17,7 @@ from .base import peak_rss_mb
 from .config import load_config
 from .data.loaders import EvalUsers, ItemCorpus, TrainLoader, load_feature_map
 from .data.pipeline import build_dataset
+from .retrieval import serving
 from .retrieval.metrics import format_metrics
 
 
@@ -43,10 +44,42 @@ def append_result_line(csv_path, command, expid, dataset_id, valid, test):
         fd.write(line)
 
 
+def open_data(params):
+    """Build (or reuse) the dataset; returns (data_dir, feature_map, corpus, train, valid, test)."""
+    data_dir = build_dataset(params)
+    feature_map = load_feature_map(data_dir, params["dataset_id"])
+    corpus = ItemCorpus(os.path.join(data_dir, "item_corpus.h5"), feature_map)
+    train = TrainLoader(os.path.join(data_dir, "train.h5"), feature_map, params["batch_size"],
+                        seed=params["seed"], num_items=corpus.num_items)
+    valid = EvalUsers(os.path.join(data_dir, "valid.h5"), feature_map, corpus.num_items,
+                      params["eval_max_users"], params["seed"])
+    test = EvalUsers(os.path.join(data_dir, "test.h5"), feature_map, corpus.num_items,
+                     params["eval_max_users"], params["seed"])
+    return data_dir, feature_map, corpus, train, valid, test
+
+
+def serving_report(model, test, data_dir, params):
+    """Index / faiss serving report of a trained model (retrieval/serving.py), logged; None if the model
+    has no serving path. SparCode (has `query_codes`): sparse inverted index; two-tower models
+    (`two_tower = True`): faiss IndexFlatIP, IndexIVFPQ, IndexHNSWFlat."""
+    if hasattr(model, "query_codes"):
+        logging.info("******** Serving: sparse inverted index ********")
+        report = serving.sparcode_report(model, test, data_dir=data_dir, params=params)
+    elif getattr(model, "two_tower", False):
+        logging.info("******** Serving: faiss indexes ********")
+        report = serving.two_tower_report(model, test, data_dir=data_dir, params=params)
+    else:
+        return None
+    for line in serving.report_lines(report):
+        logging.info(line)
+    return report
+
+
 def run_experiment(config_dir, expid, gpu=-1, command=None):
     """Run one expid; returns the result dict also written as JSON next to the checkpoint."""
     params = load_config(config_dir, expid)
     params["gpu"] = gpu
+    serving.serving_params(params)  # a bad serving key fails now, not after training
     model_cls = get_model(params["model"])
     model_dir = os.path.join(params["model_root"], params["dataset_id"])
     set_logger(os.path.join(model_dir, expid + ".log"))
@@ -56,17 +89,8 @@ def run_experiment(config_dir, expid, gpu=-1, command=None):
         torch.set_num_threads(int(params["num_threads"]))
     timings = {}
     started = time.time()
-    data_dir = build_dataset(params)
+    data_dir, feature_map, corpus, train, valid, test = open_data(params)
     timings["build_data"] = time.time() - started
-
-    feature_map = load_feature_map(data_dir, params["dataset_id"])
-    corpus = ItemCorpus(os.path.join(data_dir, "item_corpus.h5"), feature_map)
-    train = TrainLoader(os.path.join(data_dir, "train.h5"), feature_map, params["batch_size"],
-                        seed=params["seed"], num_items=corpus.num_items)
-    valid = EvalUsers(os.path.join(data_dir, "valid.h5"), feature_map, corpus.num_items,
-                      params["eval_max_users"], params["seed"])
-    test = EvalUsers(os.path.join(data_dir, "test.h5"), feature_map, corpus.num_items,
-                     params["eval_max_users"], params["seed"])
 
     model = model_cls(feature_map, **params)
     model.set_item_corpus(corpus, train.item_counts(corpus.num_items))
@@ -91,14 +115,51 @@ def run_experiment(config_dir, expid, gpu=-1, command=None):
               "examples_per_second": (history[-1]["examples_per_second"] if history else None),
               "peak_rss_mb": peak_rss_mb(), "eval_users": {"valid": len(valid), "test": len(test)},
               "checkpoint": model.checkpoint, "params": {k: v for k, v in params.items()}}
-    serve = getattr(model, "serving_report", None)
-    if serve is not None:
+    if params.get("serve", True):
         started = time.time()
-        result["serving"] = serve(test, data_dir=data_dir, params=params)
-        timings["serve"] = time.time() - started
-        result["seconds"]["serve"] = round(timings["serve"], 3)
+        try:
+            report = serving_report(model, test, data_dir, params)
+        except (ValueError, MemoryError) as exc:  # keep the trained model's results; serve later
+            logging.error(f"Serving failed: {exc} (rerun it with serve_experiment after changing the serving keys)")
+            report = {"error": f"{type(exc).__name__}: {exc}"}
+        if report is not None:
+            result["serving"] = report
+            timings["serve"] = time.time() - started
+            result["seconds"]["serve"] = round(timings["serve"], 3)
     config_name = os.path.basename(os.path.normpath(config_dir))
     append_result_line(f"{config_name}.csv", command or " ".join(sys.argv), expid, params["dataset_id"],
                        valid_result, test_result)
     write_json_atomic(os.path.join(model_dir, expid + ".json"), result)
     return result
+
+
+def serve_experiment(config_dir, expid, gpu=-1):
+    """Serving report of an expid that was already trained (its checkpoint), without training again.
+
+    Use it to rebuild the index with other serving keys (sparsity_bias, target_sparsity, index_top_l, ...).
+    Logs to `<expid>.serve.log`, stores the report under "serving" in `<expid>.json` (if that file exists)
+    and returns it.
+    """
+    params = load_config(config_dir, expid)
+    params["gpu"] = gpu
+    serving.serving_params(params)
+    model_dir = os.path.join(params["model_root"], params["dataset_id"])
+    set_logger(os.path.join(model_dir, expid + ".serve.log"))
+    seed_everything(params["seed"])
+    if params.get("num_threads"):
+        torch.set_num_threads(int(params["num_threads"]))
+    data_dir, feature_map, corpus, train, _, test = open_data(params)
+    model = get_model(params["model"])(feature_map, **params)
+    model.set_item_corpus(corpus, train.item_counts(corpus.num_items))
+    model.load_weights(model.checkpoint)
+    model.eval()
+    started = time.time()
+    report = serving_report(model, test, data_dir, params)
+    json_path = os.path.join(model_dir, expid + ".json")
+    if report is not None and os.path.exists(json_path):
+        with open(json_path) as fd:
+            result = json.load(fd)
+        result["serving"] = report
+        result.setdefault("seconds", {})["serve"] = round(time.time() - started, 3)
+        write_json_atomic(json_path, result)
+    return report

@@ -18,13 +18,13 @@ interactions.csv  user_id, item_id, timestamp (int Unix seconds, strictly increa
 
 Latent structure (what a model can learn; `simulate_demo` also returns it as `DemoLatent`)
 -----------------------------------------------------------------------------------------
-R1 Themes. There are `num_themes` (default 400) themes, each a set of 3 distinct tags out of
+R1 Themes. There are `num_themes` (default 600) themes, each a set of 3 distinct tags out of
    `num_tags` (default 50); the themes are distinct as sets but share tags and tag pairs with one
    another. Each theme has a home category (uniform).
-R2 Items. 90% of items are theme items: a primary theme drawn uniformly, 2 or 3 of its tags
-   (probability 1/2 each), plus one uniformly random extra tag with probability 0.3; the category
-   is the theme's home category with probability 0.5, else uniform over `num_categories`
-   (default 20). The other 10% are generic items with 1 or 2 uniformly random tags and a uniform
+R2 Items. 90% of items are theme items: a primary theme drawn uniformly, all 3 of its tags
+   (probability 0.8) or 2 of them, plus one uniformly random extra tag with probability 0.3 (if
+   new); the category is the theme's home category with probability 0.5, else uniform over
+   `num_categories` (default 20). The other 10% are generic items with 1 or 2 uniformly random tags and a uniform
    category. So every item has 1-4 distinct tags. price_band: each category has a price level in
    0..3; an item's band is that level plus -1/0/+1 (probabilities 0.25/0.5/0.25), clipped.
    price_band plays no role in the preferences (a distractor feature).
@@ -33,10 +33,10 @@ R3 Popularity. Item i has a base weight pop_i = (1 + rank_i) ** -popularity_expo
 R4 Interests: an OR over disjoint clusters, thresholded on tags. A user has 2, 3 or 4
    interests (probabilities 0.3/0.45/0.25): themes drawn uniformly under the constraint that no
    two of the user's themes share a tag. An item matches an interest when it carries >= 2 of that
-   theme's 3 tags (about 16 items per theme); the user's liked set is the union (OR) over the
+   theme's 3 tags (about 18 items per theme); the user's liked set is the union (OR) over the
    interests (about 50 items). An item carrying one tag of interest A and one of interest B is
    NOT liked, although a tag-additive user vector (the blend of the interests) scores it like a
-   true match. Over all users the liked sets span about one direction per theme (400, several
+   true match. Over all users the liked sets span about one direction per theme (600, about ten
    times a 64-d embedding): the user x item preference matrix has high rank.
 R5 Cross table. cross[region, age_band, category] is an independent Bernoulli(0.15) table
    (8 x 6 x 20, forced to have >= 1 category per (region, age_band)). It is not a sum of a region
@@ -90,6 +90,7 @@ _SAME_CATEGORY_PROB = 0.25       # seq step: stay in the previous item's categor
 _THEME_ITEM_SHARE = 0.9          # share of items generated from a theme (R2)
 _HOME_CATEGORY_PROB = 0.5        # a theme item is in its theme's home category (R2)
 _EXTRA_TAG_PROB = 0.3            # a theme item gets one extra random tag (R2)
+_FULL_THEME_PROB = 0.8           # a theme item carries all 3 theme tags, else 2 (R2)
 _CROSS_DENSITY = 0.15            # Bernoulli rate of the cross table (R5)
 _INTEREST_COUNT_PROBS = (0.3, 0.45, 0.25)   # 2, 3 or 4 interests (R4)
 _TAGS_PER_THEME = 3
@@ -155,7 +156,8 @@ class _StepSampler:
     sums, reject seen items, and accept a not-liked item with probability 1 / (1 + liked_boost),
     which yields probabilities proportional to pop_i * (1 + liked_boost * liked_i) over unseen
     items. After `_MAX_REJECTIONS` proposals the pick is done exactly with numpy (or reports -1
-    when nothing is left).
+    when nothing is left). Indices need no clipping: for u in [0, 1) and n < 2**53,
+    int(u * n) < n and u * cum[-1] < cum[-1] hold exactly in double precision.
 
     Args:
         uniform: a callable returning the next U(0, 1) float of the shared stream.
@@ -199,10 +201,10 @@ class _StepSampler:
         items, cum = self._category_lists[category], self._category_cum[category]
         if not items:  # a category without items (possible only in tiny corpora)
             return -1
-        total, last, seen, liked = cum[-1], len(items) - 1, self.seen, self.liked
+        total, seen, liked = cum[-1], self.seen, self.liked
         uniform, accept, bisect_right = self.uniform, self._accept_not_liked, bisect.bisect_right
         for _ in range(self._MAX_REJECTIONS):
-            item = items[min(bisect_right(cum, uniform() * total), last)]
+            item = items[bisect_right(cum, uniform() * total)]
             if not seen[item] and (liked[item] or uniform() < accept):
                 return item
         candidates = self._category_items[category]
@@ -215,7 +217,7 @@ class _StepSampler:
             return -1
         seen, uniform, size = self.seen, self.uniform, len(candidates)
         for _ in range(self._MAX_REJECTIONS):
-            item = candidates[min(int(uniform() * size), size - 1)]
+            item = candidates[int(uniform() * size)]
             if not seen[item]:
                 return item
         array = np.asarray(candidates)
@@ -224,9 +226,9 @@ class _StepSampler:
     def pick_popular(self):
         """An unseen item of the whole corpus with weight pop_i."""
         cum, seen, uniform = self._all_cum, self.seen, self.uniform
-        total, last = cum[-1], len(cum) - 1
+        total = cum[-1]
         for _ in range(self._MAX_REJECTIONS):
-            item = min(bisect.bisect_right(cum, uniform() * total), last)
+            item = bisect.bisect_right(cum, uniform() * total)
             if not seen[item]:
                 return item
         return self._exact(np.arange(len(cum)), self._popularity)
@@ -262,7 +264,7 @@ def _draw_items(rng, num_items, num_tags, num_categories, theme_tags, home_categ
     for item in range(num_items):
         if rng.random() < _THEME_ITEM_SHARE:
             theme = int(rng.integers(num_themes))
-            keep = 2 if rng.random() < 0.5 else 3
+            keep = 3 if rng.random() < _FULL_THEME_PROB else 2
             tags = rng.choice(theme_tags[theme], size=keep, replace=False).tolist()
             if rng.random() < _EXTRA_TAG_PROB:
                 extra = int(rng.integers(num_tags))
@@ -317,7 +319,7 @@ def _draw_user_themes(uniform, theme_tag_sets):
     num_themes = len(theme_tag_sets)
     chosen, used_tags = [], set()
     for _ in range(50 * wanted):
-        theme = min(int(uniform() * num_themes), num_themes - 1)
+        theme = int(uniform() * num_themes)
         if used_tags.isdisjoint(theme_tag_sets[theme]):
             chosen.append(theme)
             used_tags |= theme_tag_sets[theme]
@@ -327,7 +329,7 @@ def _draw_user_themes(uniform, theme_tag_sets):
 
 
 def simulate_demo(num_users=5000, num_items=2000, seed=2023, num_categories=20, num_tags=50,
-                  num_themes=400, min_interactions=20, max_interactions=60, p_seq=0.35,
+                  num_themes=600, min_interactions=20, max_interactions=60, p_seq=0.35,
                   p_interest=0.4, p_cross=0.15, liked_boost=6.0, popularity_exponent=0.4):
     """Draw the demo tables in memory (see the module docstring for the rules).
 
@@ -426,11 +428,9 @@ def simulate_demo(num_users=5000, num_items=2000, seed=2023, num_categories=20, 
                     category = successor_list[category]
                 item = sampler.pick_in_category(category)
             elif kind == 1:  # interest: OR over the user's themes
-                choice = min(int(uniform() * len(theme_lists)), len(theme_lists) - 1)
-                item = sampler.pick_uniform(theme_lists[choice])
+                item = sampler.pick_uniform(theme_lists[int(uniform() * len(theme_lists))])
             elif kind == 2:  # cross: a category liked by this region x age_band
-                choice = min(int(uniform() * len(cross_categories)), len(cross_categories) - 1)
-                item = sampler.pick_in_category(cross_categories[choice])
+                item = sampler.pick_in_category(cross_categories[int(uniform() * len(cross_categories))])
             if item < 0:  # noise, or fallback of an exhausted component
                 item = sampler.pick_popular()
             seen[item] = 1
@@ -479,14 +479,23 @@ def simulate_demo(num_users=5000, num_items=2000, seed=2023, num_categories=20, 
     return users, items, interactions, latent
 
 
-def _write_csv_atomic(frame, path):
-    temp_path = f"{path}.tmp-{os.getpid()}"
+def _write_csvs_atomic(frames_by_path):
+    """Write each DataFrame to a temporary name, then rename all of them into place.
+
+    The renames happen only after every file is complete, in the given order (interactions
+    last), so a reader never sees a half-written file and an interrupted run leaves at most
+    the temporary files' names behind, which are removed here.
+    """
+    temp_paths = {path: f"{path}.tmp-{os.getpid()}" for path in frames_by_path}
     try:
-        frame.to_csv(temp_path, index=False, float_format=_FLOAT_FORMAT, lineterminator="\n")
-        os.replace(temp_path, path)
+        for path, frame in frames_by_path.items():
+            frame.to_csv(temp_paths[path], index=False, float_format=_FLOAT_FORMAT, lineterminator="\n")
+        for path, temp_path in temp_paths.items():
+            os.replace(temp_path, path)
     finally:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
+        for temp_path in temp_paths.values():
+            if os.path.exists(temp_path):
+                os.remove(temp_path)
 
 
 def demo_paths(out_dir):
@@ -497,7 +506,8 @@ def demo_paths(out_dir):
 def generate_demo(out_dir, num_users=5000, num_items=2000, seed=2023, **options):
     """Generate the demo dataset into out_dir (created if needed), overwriting the three files.
 
-    Each file is written to a temporary name and then renamed, so no reader sees a half file.
+    The three files are written to temporary names first and renamed into place only when all
+    are complete, so no reader sees a half-written file.
 
     Args:
         out_dir: folder to write users.csv, items.csv and interactions.csv into.
@@ -517,9 +527,8 @@ def generate_demo(out_dir, num_users=5000, num_items=2000, seed=2023, **options)
                                                   seed=seed, **options)
     os.makedirs(out_dir, exist_ok=True)
     paths = demo_paths(out_dir)
-    _write_csv_atomic(users, paths["users"])
-    _write_csv_atomic(items, paths["items"])
-    _write_csv_atomic(interactions, paths["interactions"])
+    _write_csvs_atomic({paths["users"]: users, paths["items"]: items,
+                        paths["interactions"]: interactions})
     return paths
 
 

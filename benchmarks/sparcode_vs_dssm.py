@@ -1,0 +1,181 @@
+"""SparCode vs DSSM on the demo data, and SparCode's two quantizer gradient paths.
+
+Runs each expid through `model_zoo.experiment.run_experiment` (the same code path as
+`run_expid.py`: train with early stopping on the validation set, then exact full-ranking
+evaluation of the test users) once per seed, and writes a markdown table with test
+Recall@50 / NDCG@50, SparCode's codebook usage at the kept epoch, and the training time:
+
+    python benchmarks/sparcode_vs_dssm.py                       # DSSM_demo_001, SparCode_demo_001,
+                                                                # SparCode_demo_commitment_only, seed 2023
+    python benchmarks/sparcode_vs_dssm.py --seeds 2023 2024 2025
+
+Every expid of a seed gets the same seed (model init, negative sampling, batch order). A seed
+other than the config's is run as a derived expid `<expid>_seed<seed>` in a temporary copy of
+the config folder; checkpoints and logs go to the expid's model_root as usual. Output:
+benchmarks/results/sparcode_vs_dssm.md and .json (written atomically).
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from model_zoo.config import load_config  # noqa: E402
+from model_zoo.experiment import run_experiment  # noqa: E402
+
+DEFAULT_EXPIDS = ("DSSM_demo_001", "SparCode_demo_001", "SparCode_demo_commitment_only")
+METRICS = ("Recall(k=50)", "NDCG(k=50)", "Recall(k=20)", "NDCG(k=20)")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=os.path.join(ROOT, "config"), help="config folder")
+    parser.add_argument("--expids", nargs="+", default=list(DEFAULT_EXPIDS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="seeds (default: the seed of the config, run once)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "sparcode_vs_dssm"),
+                        help="output path without extension (.md and .json are written)")
+    return parser.parse_args(argv)
+
+
+def seeded_config(config_dir, expids, seeds, workdir):
+    """A copy of `config_dir` with `<expid>_seed<s>` entries; returns it and the expid of each run."""
+    copy = os.path.join(workdir, os.path.basename(os.path.normpath(config_dir)))
+    shutil.copytree(config_dir, copy)
+    entries, runs = {}, []
+    for seed in seeds:
+        for expid in expids:
+            params = load_config(config_dir, expid)
+            if seed == params["seed"]:
+                runs.append((expid, seed, expid))
+                continue
+            with_seed = f"{expid}_seed{seed}"
+            entry = {k: v for k, v in params.items() if k in _own_entry(config_dir, expid)}
+            entries[with_seed] = dict(entry, seed=seed)
+            runs.append((expid, seed, with_seed))
+    with open(os.path.join(copy, "model_config", "zz_benchmark_seeds.yaml"), "w") as fd:
+        yaml.safe_dump(entries, fd)
+    return copy, runs
+
+
+def _own_entry(config_dir, expid):
+    """Keys written in the expid's own entry (Base keys are merged again by load_config)."""
+    for name in sorted(os.listdir(os.path.join(config_dir, "model_config"))):
+        if name.endswith(".yaml"):
+            with open(os.path.join(config_dir, "model_config", name)) as fd:
+                content = yaml.safe_load(fd) or {}
+            if expid in content:
+                return set(content[expid])
+    raise KeyError(expid)
+
+
+def kept_epoch(result):
+    """The history record of the epoch whose weights were kept (first best validation monitor)."""
+    history = result["history"]
+    if not history:
+        return {}
+    monitor = result["params"]["monitor"]
+    sign = 1 if result["params"]["monitor_mode"] == "max" else -1
+    return max(history, key=lambda record: (sign * record["valid"][monitor], -record["epoch"]))
+
+
+def summarize(expid, seed, result):
+    epoch = kept_epoch(result)
+    row = {"expid": expid, "seed": seed, "model": result["model"],
+           "quantizer_grad": result["params"].get("quantizer_grad", ""),
+           "epochs_run": len(result["history"]), "kept_epoch": epoch.get("epoch"),
+           "train_seconds": result["seconds"]["train"],
+           "seconds_per_epoch": round(result["seconds"]["train"] / max(len(result["history"]), 1), 1)}
+    row.update({name: result["test"][name] for name in METRICS})
+    for key in ("codebook_perplexity", "dead_codewords", "codeword_restarts", "distinct_codes",
+                "zero_score_fraction", "sparse_bias"):
+        if key in epoch:
+            row[key] = epoch[key]
+    if "codebook_perplexity" in epoch:
+        row["codebook_size"] = result["params"].get("codebook_size")
+    return row
+
+
+def _usage(row):
+    if "codebook_perplexity" not in row:
+        return "-"
+    perplexity = "/".join(f"{p:.1f}" for p in row["codebook_perplexity"])
+    dead = "/".join(str(d) for d in row["dead_codewords"])
+    return f"ppl {perplexity} of {row['codebook_size']}; dead {dead}; {row['distinct_codes']} codes"
+
+
+def markdown(rows, command, seeds):
+    lines = ["# SparCode vs DSSM on the demo data", "",
+             f"Command: `{command}`", "",
+             "Test metrics: exact full ranking over the whole item corpus, history items masked, best "
+             "validation epoch (Recall(k=20) monitor). Codebook usage of the kept epoch's training batches: "
+             "perplexity of each codebook out of N codewords, codewords never used in that epoch, distinct "
+             "full codes (keys) seen in that epoch. Train seconds are wall-clock and depend on the machine "
+             "load.", "",
+             "| expid | seed | test Recall@50 | test NDCG@50 | test Recall@20 | codebook usage | zero scores "
+             "| train s (epochs) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        zero = f"{row['zero_score_fraction']:.3f}" if "zero_score_fraction" in row else "-"
+        lines.append(f"| {row['expid']} | {row['seed']} | {row['Recall(k=50)']:.4f} | {row['NDCG(k=50)']:.4f} | "
+                     f"{row['Recall(k=20)']:.4f} | {_usage(row)} | {zero} | "
+                     f"{row['train_seconds']:.0f} ({row['epochs_run']}) |")
+    expids = list(dict.fromkeys(row["expid"] for row in rows))
+    if len(seeds) > 1:
+        lines += ["", f"Mean (population std) over seeds {', '.join(map(str, seeds))}:", "",
+                  "| expid | test Recall@50 | test NDCG@50 |", "|---|---|---|"]
+        for expid in expids:
+            own = [row for row in rows if row["expid"] == expid]
+            cells = []
+            for name in ("Recall(k=50)", "NDCG(k=50)"):
+                values = [row[name] for row in own]
+                cells.append(f"{statistics.mean(values):.4f} ± {statistics.pstdev(values):.4f}")
+            lines.append(f"| {expid} | {' | '.join(cells)} |")
+    base = {row["seed"]: row for row in rows if row["expid"] == "SparCode_demo_001"}
+    literal = {row["seed"]: row for row in rows if row["expid"] == "SparCode_demo_commitment_only"}
+    common = sorted(set(base) & set(literal))
+    if common:
+        lines += ["", "straight_through (SparCode_demo_001) minus commitment_only, same seeds:", "",
+                  "| seed | Δ test Recall@50 | Δ test NDCG@50 |", "|---|---|---|"]
+        for seed in common:
+            lines.append(f"| {seed} | {base[seed]['Recall(k=50)'] - literal[seed]['Recall(k=50)']:+.4f} | "
+                         f"{base[seed]['NDCG(k=50)'] - literal[seed]['NDCG(k=50)']:+.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path, text):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fd:
+        fd.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    command = "python benchmarks/sparcode_vs_dssm.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
+    seeds = args.seeds or [load_config(args.config, args.expids[0])["seed"]]
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        config, runs = seeded_config(args.config, args.expids, seeds, workdir)
+        for expid, seed, run_id in runs:
+            started = time.time()
+            result = run_experiment(config, run_id, command=command)
+            rows.append(summarize(expid, seed, result))
+            print(f"{run_id}: test Recall@50 {rows[-1]['Recall(k=50)']:.4f} "
+                  f"({time.time() - started:.0f} s)", flush=True)
+            write_atomic(args.out + ".json", json.dumps({"command": command, "rows": rows}, indent=2))
+            write_atomic(args.out + ".md", markdown(rows, command, seeds))
+    print(open(args.out + ".md").read())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

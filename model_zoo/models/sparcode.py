@@ -1,0 +1,224 @@
+"""SparCode (Su et al., SIGIR'23, Sec. 3.2): tokenizer, product quantizer, all-to-all scorer, sparse score.
+
+user -> UserTokenizer -> K_u tokens [B, K_u, D_T] -> ProductQuantizer -> quantized tokens (codes);
+item -> FieldEmbedding -> K_c linear heads -> item tokens [C, K_c, D_T];
+S = InteractionScorer(quantized token, item tokens) [B, C, K_u]; score = sum_k relu(S_k + b) (Eq. 10-11).
+The loss is MatchModel's sampled softmax (Eq. 12) plus the commitment loss (Eq. 13-14, already
+weighted by lambda inside the quantizer). A user's score depends on the user only through its K_u
+codes, so evaluation scores each distinct code once, and an index can be built from
+`score_codes` without running the tokenizer.
+"""
+import contextlib
+
+import torch
+from torch import nn
+
+from ..base import MatchModel
+from ..data.feature_processor import HISTORY_FEATURE
+from ..layers.field_embedding import FieldEmbedding
+from ..layers.interaction import INTERACTIONS, InteractionScorer
+from ..layers.quantizer import GRADIENT_MODES, ProductQuantizer
+from ..layers.token_heads import HEAD_TYPES, TokenHeads
+from ..layers.tokenizers import TOKENIZERS, UserTokenizer
+
+PAIR_BUDGET = 1 << 24     # floats of one scorer chunk: pairs x (input width + hidden units)
+
+
+class SparCode(MatchModel):
+    """SparCode with an exact full-ranking evaluation (the index path lives in retrieval/).
+
+    Args:
+        feature_map: FuxiCTR FeatureMap.
+        model_id: experiment id.
+        embedding_dim: D, size of the field embeddings.
+        tokenizer: user encoder, "dnn" (default) | "gru" | "sa".
+        token_heads: "linear" (default) | "senet", how the K_u user tokens are produced.
+        num_query_tokens: K_u, tokens (codes) per user. Default 2.
+        num_item_tokens: K_c, tokens per item (linear heads). Default 2.
+        token_dim: D_T, token size (default: embedding_dim); divisible by num_codebooks.
+        num_codebooks: M, codebooks of the product quantizer. Default 2.
+        codebook_size: N, codewords per codebook. Default 256.
+        codebook_decay: gamma of the EMA codebook update. Default 0.99.
+        commitment_weight: lambda of Eq. 14. Default 0.25.
+        quantizer_grad: "straight_through" (default; the matching loss reaches the tokenizer) or
+            "commitment_only" (the literal sg[] reading: only the commitment loss trains the tokenizer).
+        dead_code_threshold: restart codewords whose EMA cluster size is below it; 0 = never. Default 1e-2.
+        kmeans_init: set the codebooks by k-means on the first training batch. Default True.
+        interaction: scorer, "dot" | "maxsim" | "crossnet" | "dnn" | "innerp_dnn" (default, Eq. 9).
+        hidden_units: MLP of the "dnn" / "innerp_dnn" scorer. Default [256, 256, 256] (paper).
+        tokenizer_hidden_units: MLP of the tokenizer. Default [256].
+        hidden_activations: activation of both MLPs. Default "ReLU".
+        sparse_bias_init: initial b of Eq. 10. Positive so that relu(S + b) starts in its linear part: at
+            initialisation S is about 0 for every pair, and with b = 0 half the pairs would start at the
+            kink and sampled softmax can push b down until every score is 0 (no gradient left). While every
+            pair is active, b gets no gradient (it shifts all logits alike). Default 1.0.
+        net_dropout: dropout of the tokenizer and the scorer MLP. Default 0.1.
+        num_layers: self-attention blocks of the "sa" tokenizer. Default 2.
+        num_heads: attention heads of the "sa" tokenizer. Default 1.
+        normalize_tokens: layer-normalise the user tokens before quantization (fixed scale; see
+            layers/tokenizers.py). Default True.
+        **kwargs: MatchModel arguments.
+    """
+
+    def __init__(self, feature_map, model_id="SparCode", embedding_dim=64, tokenizer="dnn", token_heads="linear",
+                 num_query_tokens=2, num_item_tokens=2, token_dim=None, num_codebooks=2, codebook_size=256,
+                 codebook_decay=0.99, commitment_weight=0.25, quantizer_grad="straight_through",
+                 dead_code_threshold=1e-2, kmeans_init=True, interaction="innerp_dnn", hidden_units=(256, 256, 256),
+                 tokenizer_hidden_units=(256,), hidden_activations="ReLU", sparse_bias_init=1.0, net_dropout=0.1,
+                 num_layers=2, num_heads=1, normalize_tokens=True, **kwargs):
+        super().__init__(feature_map, model_id=model_id, **kwargs)
+        for name, value, allowed in (("tokenizer", tokenizer, TOKENIZERS), ("token_heads", token_heads, HEAD_TYPES),
+                                     ("interaction", interaction, INTERACTIONS),
+                                     ("quantizer_grad", quantizer_grad, GRADIENT_MODES)):
+            if value not in allowed:
+                raise ValueError(f"SparCode: {name}={value!r}; expected one of {list(allowed)}")
+        token_dim = embedding_dim if token_dim is None else token_dim
+        for name, value in (("num_query_tokens", num_query_tokens), ("num_item_tokens", num_item_tokens),
+                            ("token_dim", token_dim), ("num_codebooks", num_codebooks),
+                            ("codebook_size", codebook_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SparCode: {name}={value!r}; expected a positive int")
+        if token_dim % num_codebooks:
+            raise ValueError(f"SparCode: token_dim={token_dim} must be divisible by num_codebooks={num_codebooks}")
+        self.embedding = FieldEmbedding(feature_map, embedding_dim)
+        self.sequence_tokenizer = tokenizer != "dnn"
+        if self.sequence_tokenizer and HISTORY_FEATURE not in feature_map.features:
+            raise ValueError(f"SparCode: tokenizer={tokenizer!r} needs the history feature {HISTORY_FEATURE!r}")
+        exclude = (HISTORY_FEATURE,) if self.sequence_tokenizer else ()
+        self.user_exclude = exclude
+        history_len = feature_map.features.get(HISTORY_FEATURE, {}).get("max_len", 1)
+        self.tokenizer = UserTokenizer(tokenizer, embedding_dim, self.embedding.num_fields("user", exclude),
+                                       num_query_tokens, token_dim, token_heads, tokenizer_hidden_units,
+                                       hidden_activations, net_dropout, history_len, num_layers, num_heads,
+                                       normalize_tokens)
+        self.item_heads = TokenHeads(self.embedding.num_fields("item") * embedding_dim, num_item_tokens, token_dim)
+        self.quantizer = ProductQuantizer(token_dim, num_codebooks, codebook_size, decay=codebook_decay,
+                                          commitment_weight=commitment_weight, gradient_mode=quantizer_grad,
+                                          dead_code_threshold=dead_code_threshold, kmeans_init=kmeans_init)
+        self.scorer = InteractionScorer(token_dim, num_item_tokens, interaction, hidden_units, hidden_activations,
+                                        dropout=net_dropout)
+        self.bias = nn.Parameter(torch.tensor(float(sparse_bias_init)))    # b of Eq. 10
+        self.pair_width = (num_item_tokens + 1) * token_dim + sum(hidden_units or ())
+        self._commit_loss, self._epoch_keys, self._epoch_commit, self._zero_scores = None, [], [], [0, 0]
+        self.compile()
+        self.reset_parameters()
+        self.model_to_device()
+
+    # ---- towers ---------------------------------------------------------------------
+    def user_tokens(self, inputs):
+        """Tokens before quantization: [B, K_u, D_T]."""
+        if self.tokenizer.num_fields:
+            fields = self.embedding.fields(inputs, "user", exclude=self.user_exclude)      # [B, F, D]
+        else:
+            fields = torch.zeros(inputs[HISTORY_FEATURE].shape[0], 0, self.embedding.embedding_dim,
+                                 device=self.device)
+        if not self.sequence_tokenizer:
+            return self.tokenizer(fields)
+        history, mask = self.embedding.sequence(inputs)                                     # [B, L, D], [B, L]
+        return self.tokenizer(fields, history, mask)
+
+    def encode_users(self, inputs):
+        """(quantized tokens [B, K_u, D_T], keys [B, K_u] int64)."""
+        quantized, codes, commit_loss = self.quantizer(self.user_tokens(inputs))
+        keys = self.quantizer.pack_keys(codes)                                              # [B, K_u]
+        if self.training:
+            self._commit_loss = commit_loss
+            self._epoch_commit.append(float(self.quantizer.last_raw_commitment))
+            self._epoch_keys.append(torch.unique(keys))
+            if len(self._epoch_keys) >= 64:
+                self._epoch_keys = [torch.unique(torch.cat(self._epoch_keys))]
+        return quantized, keys
+
+    def encode_items(self, inputs):
+        return self.item_heads(self.embedding.fields(inputs, "item").flatten(1))           # [C, K_c, D_T]
+
+    # ---- scores ---------------------------------------------------------------------
+    def _sparse_sum(self, scores):
+        """Eq. 10-11: [..., K_u] raw scores S -> sum_k relu(S_k + b) [...]."""
+        sparse = torch.relu(scores + self.bias)
+        if self.training:
+            self._zero_scores[0] += int((sparse == 0).sum())
+            self._zero_scores[1] += sparse.numel()
+        return sparse.sum(-1)
+
+    def _pair_scores(self, queries, items, item_chunk=4096):
+        """S of every query against every item: queries [Q, D_T], items [C, K_c, D_T] -> [Q, C]."""
+        columns = []
+        for i in range(0, items.shape[0], item_chunk):
+            block = items[i:i + item_chunk].unsqueeze(0)                                     # [1, c, K_c, D_T]
+            rows = max(1, PAIR_BUDGET // (block.shape[1] * self.pair_width))
+            columns.append(torch.cat([self.scorer(queries[q:q + rows].unsqueeze(1), block)
+                                      for q in range(0, queries.shape[0], rows)], dim=0))    # [Q, c]
+        return torch.cat(columns, dim=1) if columns else queries.new_zeros(queries.shape[0], 0)
+
+    def score_pairs(self, user_repr, item_repr):
+        quantized, _ = user_repr                                                            # [B, K_u, D_T]
+        raw = self.scorer(quantized.unsqueeze(1), item_repr.unsqueeze(2))                   # [B, C, K_u]
+        return self._sparse_sum(raw)                                                        # [B, C]
+
+    def score_matrix(self, user_repr, item_repr):
+        """[B, C]. Without autograd every distinct code is scored once (codes are shared by users)."""
+        quantized, keys = user_repr
+        batch, num_tokens, dim = quantized.shape
+        if torch.is_grad_enabled():
+            raw = self._pair_scores(quantized.reshape(-1, dim), item_repr)                  # [B * K_u, C]
+        else:
+            unique, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
+            raw = self._pair_scores(self.code_vectors(unique), item_repr)[inverse]          # [B * K_u, C]
+        return self._sparse_sum(raw.view(batch, num_tokens, -1).transpose(1, 2))            # [B, C]
+
+    def auxiliary_loss(self):
+        """Commitment loss (x lambda) of the last encode_users call in training mode."""
+        return 0.0 if self._commit_loss is None else self._commit_loss
+
+    def epoch_stats(self):
+        """Codebook usage of the training batches since the last call (then reset)."""
+        usage = self.quantizer.codebook_usage(reset=True)
+        keys = torch.unique(torch.cat(self._epoch_keys)) if self._epoch_keys else torch.zeros(0)
+        commit = sum(self._epoch_commit) / max(len(self._epoch_commit), 1)
+        zero_fraction = self._zero_scores[0] / max(self._zero_scores[1], 1)
+        self._epoch_keys, self._epoch_commit, self._zero_scores = [], [], [0, 0]
+        return {"codebook_perplexity": [round(p, 2) for p in usage["perplexity"]],
+                "dead_codewords": usage["dead_codewords"], "codeword_restarts": usage["restarts"],
+                "distinct_codes": int(keys.numel()), "commitment": round(commit, 5),
+                "zero_score_fraction": round(zero_fraction, 4), "sparse_bias": round(self.sparse_bias, 5)}
+
+    # ---- serving hooks (index issue) ------------------------------------------------
+    @contextlib.contextmanager
+    def _inference(self):
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.train(was_training)
+
+    @property
+    def sparse_bias(self):
+        """The learned b of Eq. 10 (a float)."""
+        return float(self.bias.detach())
+
+    def query_codes(self, user_inputs):
+        """Packed keys of users: LongTensor [n, K_u] (eval mode; no codebook update)."""
+        with self._inference():
+            inputs = {k: v.to(self.device) for k, v in user_inputs.items()}
+            return self.quantizer.pack_keys(self.quantizer.encode(self.user_tokens(inputs)))
+
+    def code_vectors(self, keys):
+        """Quantized token vectors of packed keys: [...] -> [..., D_T]."""
+        keys = torch.as_tensor(keys, dtype=torch.long, device=self.device)
+        return self.quantizer.decode(self.quantizer.unpack_keys(keys))
+
+    def score_codes(self, keys, item_index=None):
+        """S before relu of every key against every item: [n_keys, n_items] (all items if None)."""
+        with self._inference():
+            if item_index is None:
+                items = self.all_item_repr()                                                # [n_items, K_c, D_T]
+            else:
+                index = torch.as_tensor(item_index, dtype=torch.long).reshape(-1)
+                if index.numel() == 0:
+                    return torch.zeros(torch.as_tensor(keys).numel(), 0, device=self.device)
+                items = torch.cat([self.encode_items(self.items(index[s:s + 4096]))
+                                   for s in range(0, index.numel(), 4096)])                # [n_items, K_c, D_T]
+            return self._pair_scores(self.code_vectors(keys).reshape(-1, self.quantizer.token_dim), items)

@@ -1,0 +1,284 @@
+"""SparCode model-level tests on the tiny dataset (the quantizer's own tests are in test_quantizer.py)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from model_zoo.config import load_config
+from model_zoo.data.loaders import EvalUsers, ItemCorpus, TrainLoader, load_feature_map
+from model_zoo.data.pipeline import build_dataset
+from model_zoo.experiment import run_experiment
+from model_zoo.layers.interaction import INTERACTIONS
+from model_zoo.models import sparcode as sparcode_module
+from model_zoo.models.sparcode import SparCode
+
+from .conftest import write_config
+
+REPO_CONFIG = os.path.join(os.path.dirname(__file__), "..", "config")
+SMALL = {"embedding_dim": 8, "token_dim": 8, "num_query_tokens": 2, "num_item_tokens": 2, "num_codebooks": 2,
+         "codebook_size": 8, "hidden_units": [8], "tokenizer_hidden_units": [16], "net_dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_raw):
+    root = tmp_path_factory.mktemp("sparcode")
+    config = write_config(str(root), tiny_raw, {"SparCode_tiny": {"model": "SparCode", "dataset_id": "tiny",
+                                                                  **SMALL}})
+    params = load_config(config, "SparCode_tiny")
+    data_dir = build_dataset(params)
+    feature_map = load_feature_map(data_dir, "tiny")
+    corpus = ItemCorpus(os.path.join(data_dir, "item_corpus.h5"), feature_map)
+    train = TrainLoader(os.path.join(data_dir, "train.h5"), feature_map, 32, seed=1)
+    valid = EvalUsers(os.path.join(data_dir, "valid.h5"), feature_map, corpus.num_items)
+    return {"config": config, "root": str(root), "params": params, "feature_map": feature_map, "corpus": corpus,
+            "train": train, "valid": valid}
+
+
+def _model(tiny, seed=0, **overrides):
+    torch.manual_seed(seed)
+    params = dict(tiny["params"], num_negatives=10)
+    params.update(overrides)
+    model = SparCode(tiny["feature_map"], **params)
+    model.set_item_corpus(tiny["corpus"], tiny["train"].item_counts(tiny["corpus"].num_items))
+    return model
+
+
+def _batch(tiny):
+    batch = next(iter(tiny["train"]))
+    return batch, batch.pop("item_index")
+
+
+def _train_steps(model, tiny, steps=3):
+    model.train()
+    for step, batch in enumerate(tiny["train"]):
+        if step == steps:
+            break
+        positives = batch.pop("item_index")
+        model.optimizer.zero_grad()
+        model.sampled_softmax_loss(batch, positives).backward()
+        model.optimizer.step()
+
+
+def _matching_loss(model, batch, positives):
+    """Eq. 12 alone (no commitment term): the positive against every item of the corpus."""
+    user_repr = model.encode_users(batch)
+    logits = model.score_matrix(user_repr, model.encode_items(model.items(torch.arange(model.item_corpus.num_items))))
+    return F.cross_entropy(logits, positives)
+
+
+def _tokenizer_grad_norm(model, loss):
+    params = list(model.tokenizer.parameters())
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return sum(float(g.abs().sum()) for g in grads if g is not None)
+
+
+@pytest.mark.parametrize("mode", ["straight_through", "commitment_only"])
+def test_matching_loss_reaches_tokenizer_only_with_straight_through(tiny, mode):
+    model = _model(tiny, quantizer_grad=mode)
+    model.train()
+    batch, positives = _batch(tiny)
+    match = _matching_loss(model, batch, positives)
+    commit = model.auxiliary_loss()
+    assert torch.is_tensor(commit) and float(commit.detach()) > 0
+    if mode == "straight_through":
+        assert _tokenizer_grad_norm(model, match) > 0
+    else:
+        assert _tokenizer_grad_norm(model, match) == 0.0
+    # In both modes the commitment term trains the tokenizer, and the matching loss trains the scorer.
+    assert _tokenizer_grad_norm(model, commit) > 0
+    scorer_grads = torch.autograd.grad(match, list(model.scorer.parameters()), retain_graph=True)
+    assert sum(float(g.abs().sum()) for g in scorer_grads) > 0
+
+
+def test_codebooks_get_no_optimizer_gradient_and_move_by_ema(tiny):
+    model = _model(tiny)
+    optimized = {id(p) for group in model.optimizer.param_groups for p in group["params"]}
+    assert id(model.quantizer.codebooks) not in optimized
+    assert not any(name.startswith("quantizer.") for name, _ in model.named_parameters())
+    assert id(model.bias) in optimized
+    _train_steps(model, tiny, steps=1)                                  # k-means initialisation
+    before = model.quantizer.codebooks.clone()
+    _train_steps(model, tiny, steps=2)
+    assert model.quantizer.codebooks.grad is None and not model.quantizer.codebooks.requires_grad
+    assert not torch.equal(before, model.quantizer.codebooks)          # moved by the EMA update
+
+
+def test_relu_zeroes_scores_below_minus_b(tiny):
+    model = _model(tiny)
+    _train_steps(model, tiny, steps=2)
+    model.eval()
+    users = tiny["valid"].batch(0, 16)
+    keys = model.query_codes(users)                                     # [16, K_u]
+    raw = model.score_codes(keys.reshape(-1)).view(16, 2, -1)           # [16, K_u, n_items]
+    with torch.no_grad():
+        model.bias.fill_(-float(raw.median()))                          # about half of S + b is negative
+        final = model.full_scores(users, model.all_item_repr())         # [16, n_items]
+        shifted = raw + model.bias                                      # S + b
+    below = (shifted < 0).all(dim=1)                                    # every token has S < -b
+    above = (shifted > 0).any(dim=1)
+    assert below.sum() > 100 and above.sum() > 100
+    assert torch.all(final[below] == 0.0)
+    assert torch.all(final[above] > 0.0)
+    expected = torch.relu(raw + model.sparse_bias).sum(dim=1)
+    assert torch.allclose(final, expected, atol=1e-5)
+
+
+def test_serving_hooks_match_forward_scores(tiny):
+    model = _model(tiny)
+    _train_steps(model, tiny, steps=3)
+    model.eval()
+    users = tiny["valid"].batch(0, 20)
+    keys = model.query_codes(users)
+    assert keys.dtype == torch.long and keys.shape == (20, 2)
+    with torch.no_grad():
+        quantized, forward_keys = model.encode_users(users)
+        tokens = model.user_tokens(users)
+    assert torch.equal(keys, forward_keys)
+    assert torch.equal(model.code_vectors(keys), quantized)
+    # The quantized vector is the nearest codeword per sub-vector (checked by brute force on codebook 0).
+    codebook = model.quantizer.codebooks[0]                             # [N, d]
+    nearest = torch.cdist(tokens[..., :4].reshape(-1, 4), codebook).argmin(1)
+    assert torch.equal(nearest, model.quantizer.unpack_keys(keys).reshape(-1, 2)[:, 0])
+    # score_codes (S before relu) + sparse_bias gives the forward scores, for all or some items.
+    unique, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
+    raw = model.score_codes(unique)                                     # [n_unique, n_items]
+    from_index = torch.relu(raw[inverse] + model.sparse_bias).view(20, 2, -1).sum(1)
+    items = torch.arange(model.item_corpus.num_items)
+    with torch.no_grad():
+        forward = model(users, items.unsqueeze(0).expand(20, -1))      # score_pairs path
+        full = model.full_scores(users, model.all_item_repr())         # score_matrix path (dedup)
+    assert torch.allclose(from_index, forward, atol=1e-5)
+    assert torch.allclose(full, forward, atol=1e-5)
+    some = torch.tensor([5, 0, 17])
+    assert torch.allclose(model.score_codes(unique, some), raw[:, some], atol=1e-6)
+    assert model.score_codes(unique, torch.tensor([], dtype=torch.long)).shape == (len(unique), 0)
+
+
+def test_chunked_scores_equal_unchunked(tiny, monkeypatch):
+    model = _model(tiny)
+    model.eval()
+    users = tiny["valid"].batch(0, 8)
+    with torch.no_grad():
+        user_repr, items = model.encode_users(users), model.all_item_repr()
+        whole = model.score_matrix(user_repr, items)
+        monkeypatch.setattr(sparcode_module, "PAIR_BUDGET", 1000)       # many small chunks
+        assert torch.allclose(model.score_matrix(user_repr, items), whole, atol=1e-5)
+        assert torch.allclose(model._pair_scores(user_repr[0].reshape(-1, 8), items, item_chunk=7),
+                              model._pair_scores(user_repr[0].reshape(-1, 8), items), atol=1e-6)
+
+
+def test_epoch_stats_count_codes_of_the_epoch(tiny):
+    # Random (not k-means) codewords and a fast decay: unused codewords die after one step.
+    model = _model(tiny, kmeans_init=False, dead_code_threshold=0.9, codebook_decay=0.5)
+    model.train()
+    seen = []
+    for step, batch in enumerate(tiny["train"]):
+        if step == 4:
+            break
+        batch.pop("item_index")
+        seen.append(model.encode_users(batch)[1])
+    stats = model.epoch_stats()
+    assert stats["distinct_codes"] == int(torch.unique(torch.cat(seen)).numel())
+    assert len(stats["codebook_perplexity"]) == 2 and all(1.0 <= p <= 8.0 for p in stats["codebook_perplexity"])
+    assert all(0 <= d < 8 for d in stats["dead_codewords"])
+    assert sum(stats["codeword_restarts"]) > 0                          # decay 0.5 kills unused codewords fast
+    empty = model.epoch_stats()                                         # counters were reset
+    assert empty["distinct_codes"] == 0 and sum(empty["codeword_restarts"]) == 0
+
+
+@pytest.mark.parametrize("tokenizer,token_heads,interaction", [
+    ("dnn", "senet", "dot"), ("gru", "linear", "maxsim"), ("gru", "senet", "crossnet"),
+    ("sa", "linear", "dnn"), ("sa", "senet", "innerp_dnn")])
+def test_variants_train_and_evaluate(tiny, tokenizer, token_heads, interaction):
+    model = _model(tiny, tokenizer=tokenizer, token_heads=token_heads, interaction=interaction, num_layers=1)
+    model.train()
+    batch, positives = _batch(tiny)
+    loss = model.sampled_softmax_loss(batch, positives)
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    assert float(model.tokenizer.heads.heads[0].weight.grad.abs().sum() if token_heads == "senet"
+                 else model.tokenizer.heads.heads.weight.grad.abs().sum()) > 0
+    metrics = model.evaluate(tiny["valid"])
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+
+
+def test_same_seed_same_result(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    results = []
+    for _ in range(2):
+        result = run_experiment(tiny["config"], "SparCode_tiny")
+        state = torch.load(result["checkpoint"], weights_only=True)
+        results.append((result["test"], result["history"][0]["loss"], state))
+    (test_a, loss_a, state_a), (test_b, loss_b, state_b) = results
+    assert test_a == test_b and loss_a == loss_b
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert "quantizer.codebooks" in state_a
+
+
+@pytest.mark.parametrize("key,value,allowed", [("tokenizer", "cnn", "dnn"), ("token_heads", "mlp", "senet"),
+                                               ("interaction", "cosine", "innerp_dnn"),
+                                               ("quantizer_grad", "ste", "commitment_only"),
+                                               ("num_query_tokens", 0, "positive int")])
+def test_invalid_hyperparameters_raise_naming_them(tiny, key, value, allowed):
+    with pytest.raises(ValueError, match=f"{key}={value!r}.*{allowed}"):
+        _model(tiny, **{key: value})
+
+
+def test_token_dim_must_split_into_codebooks(tiny):
+    with pytest.raises(ValueError, match="token_dim=9"):
+        _model(tiny, token_dim=9)
+
+
+def test_every_repo_sparcode_expid_builds(tiny):
+    """Each SparCode_* entry of config/model_config/SparCode.yaml has valid keys (checked on tiny data)."""
+    with open(os.path.join(REPO_CONFIG, "model_config", "SparCode.yaml")) as fd:
+        entries = yaml.safe_load(fd)
+    assert "SparCode_demo_001" in entries
+    seen = set()
+    for expid, entry in entries.items():
+        entry = dict(entry, **{k: v for k, v in SMALL.items() if k in entry or k in ("embedding_dim", "token_dim")})
+        entry = {k: v for k, v in entry.items() if k not in ("dataset_id", "model")}
+        model = _model(tiny, **{**entry, "num_layers": 1})
+        seen.add((model.tokenizer.tokenizer, model.scorer.interaction, model.quantizer.gradient_mode))
+    assert {t for t, _, _ in seen} == {"dnn", "gru", "sa"}
+    assert {i for _, i, _ in seen} == set(INTERACTIONS)
+    assert {g for _, _, g in seen} == {"straight_through", "commitment_only"}
+
+
+@pytest.mark.parametrize("kind", ["dnn", "gru", "sa"])
+@pytest.mark.parametrize("heads", ["linear", "senet"])
+def test_user_tokenizer_shapes_and_normalisation(kind, heads):
+    from model_zoo.layers.tokenizers import UserTokenizer
+    torch.manual_seed(0)
+    tokenizer = UserTokenizer(kind, embedding_dim=8, num_fields=3, num_tokens=4, token_dim=6, token_heads=heads,
+                              hidden_units=[16], history_len=5, num_layers=1)
+    fields, history = torch.randn(7, 3, 8) * 1e-4, torch.randn(7, 5, 8) * 1e-4     # FuxiCTR-sized inputs
+    mask = torch.arange(5).unsqueeze(0) >= torch.tensor([0, 1, 2, 3, 4, 5, 2]).unsqueeze(1)   # left padded
+    tokens = tokenizer(fields, history, mask)
+    assert tokens.shape == (7, 4, 6)
+    # Layer-normalised: every token has mean 0 and unit variance whatever the input scale.
+    assert torch.allclose(tokens.mean(-1), torch.zeros(7, 4), atol=1e-4)
+    assert torch.allclose(tokens.var(-1, unbiased=False), torch.ones(7, 4), atol=1e-2)
+    assert not torch.equal(tokens[0], tokens[1])                                    # users differ
+    raw = UserTokenizer(kind, 8, 3, 4, 6, heads, [16], history_len=5, num_layers=1, normalize_tokens=False)
+    assert raw(fields, history, mask).abs().max() < 1.0
+    if kind != "dnn":
+        with pytest.raises(ValueError, match="needs the history"):
+            tokenizer(fields)
+
+
+def test_user_tokenizer_invalid_arguments():
+    from model_zoo.layers.tokenizers import UserTokenizer
+    with pytest.raises(ValueError, match="tokenizer='lstm'"):
+        UserTokenizer("lstm")
+    with pytest.raises(ValueError, match="token_heads='attn'"):
+        UserTokenizer(token_heads="attn")
+    with pytest.raises(ValueError, match="num_fields"):
+        UserTokenizer("dnn", num_fields=0)
+    with pytest.raises(ValueError, match="fields shape"):
+        UserTokenizer("dnn", embedding_dim=8, num_fields=2)(torch.randn(3, 4, 8))
