@@ -79,7 +79,8 @@ def test_schema_and_dtypes(demo):
     for frame, column in ((users, "user_id"), (users, "age_band"), (users, "region"), (items, "item_id"),
                           (items, "category"), (items, "tags"), (items, "price_band"),
                           (inter, "user_id"), (inter, "item_id")):
-        assert pd.api.types.is_string_dtype(frame[column]) or pd.api.types.is_object_dtype(frame[column]), column
+        dtype = frame[column].dtype
+        assert pd.api.types.is_string_dtype(dtype) or pd.api.types.is_object_dtype(dtype), column
     assert pd.api.types.is_float_dtype(users["activity"])
     assert pd.api.types.is_integer_dtype(inter["timestamp"])
     assert users["user_id"].str.fullmatch(r"u\d{4}").all()

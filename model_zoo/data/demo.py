@@ -24,10 +24,10 @@ R1 Themes. There are `num_themes` (default 600) themes, each a set of 3 distinct
 R2 Items. 90% of items are theme items: a primary theme drawn uniformly, all 3 of its tags
    (probability 0.8) or 2 of them, plus one uniformly random extra tag with probability 0.3 (if
    new); the category is the theme's home category with probability 0.5, else uniform over
-   `num_categories` (default 20). The other 10% are generic items with 1 or 2 uniformly random tags and a uniform
-   category. So every item has 1-4 distinct tags. price_band: each category has a price level in
-   0..3; an item's band is that level plus -1/0/+1 (probabilities 0.25/0.5/0.25), clipped.
-   price_band plays no role in the preferences (a distractor feature).
+   `num_categories` (default 20). The other 10% are generic items with 1 or 2 uniformly random
+   tags and a uniform category. So every item has 1-4 distinct tags. price_band: each category
+   has a price level in 0..3; an item's band is that level plus -1/0/+1 (probabilities
+   0.25/0.5/0.25), clipped. price_band plays no role in the preferences (a distractor feature).
 R3 Popularity. Item i has a base weight pop_i = (1 + rank_i) ** -popularity_exponent (default
    0.4) over a random permutation of ranks: a mild skew.
 R4 Interests: an OR over disjoint clusters, thresholded on tags. A user has 2, 3 or 4
@@ -66,9 +66,13 @@ What models can exploit: R4 (an OR of disjoint interests with thresholded tag ma
 themes: high rank, and a single blended vector ranks blend items as high as true matches) and
 R8-seq (the order of the history: the last item predicts the next category) are what interaction
 and sequence models can use and a dot product of independent 64-d towers cannot express; R5 is
-a feature cross; R3 keeps Popularity a weak floor. A quick check on the default data (first 80%
-of each user's sequence as history, the rest as ground truth, Recall@50 over all 2,000 items with
-the history masked): SANITY_NUMBERS
+a feature cross; R3 keeps Popularity a weak floor. A quick check on the default data (every
+user's first 80% of interactions as history, the rest as ground truth, Recall@50 over all 2,000
+items with the history masked): Popularity 0.074; dot products of dimension <= 64: PureSVD rank
+64 0.157, history tag profile . item tags 0.180; full-rank item-item EASE 0.223; interaction
+scorers: "number of history items sharing >= 2 tags with the item" 0.265, a briefly trained MLP
+on (user features, item features, last category, history overlap counts) 0.227; the true
+generative scores (oracle) 0.444.
 """
 import bisect
 import itertools
