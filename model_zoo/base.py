@@ -52,6 +52,8 @@ class MatchModel(BaseModel):
         num_negatives: negatives per batch for `uniform` / `popularity` sampling.
         negative_sampler: `uniform`, `popularity` or `in_batch`.
         sampler_alpha: exponent of popularity sampling.
+        embedding_init_std: standard deviation of the normal initialiser of the feature embeddings
+            (FuxiCTR's default 1e-4; matching losses on dot products often train faster from ~1e-2).
         embedding_regularizer: L2 weight on FuxiCTR feature embeddings (0 = off).
         net_regularizer: L2 weight on the other parameters (0 = off).
         metrics: metric names like `Recall(k=20)` computed at evaluation.
@@ -75,7 +77,7 @@ class MatchModel(BaseModel):
 
     def __init__(self, feature_map, model_id="MatchModel", gpu=-1, learning_rate=1.e-3, optimizer="adam",
                  temperature=1.0, num_negatives=100, negative_sampler="uniform", sampler_alpha=0.75,
-                 embedding_regularizer=0.0, net_regularizer=0.0, metrics=TRAINING_DEFAULTS["metrics"],
+                 embedding_init_std=1.e-4, embedding_regularizer=0.0, net_regularizer=0.0, metrics=TRAINING_DEFAULTS["metrics"],
                  monitor="Recall(k=20)", monitor_mode="max", early_stop_patience=2, epochs=10,
                  max_steps_per_epoch=None, eval_batch_size=512, model_root="./checkpoints/", seed=2023,
                  verbose=1, **kwargs):
@@ -87,6 +89,9 @@ class MatchModel(BaseModel):
             raise ValueError(f"monitor_mode={monitor_mode!r}; expected 'max' or 'min'")
         if temperature <= 0:
             raise ValueError(f"temperature={temperature}; expected > 0")
+        if isinstance(embedding_init_std, bool) or not isinstance(embedding_init_std, (int, float)) \
+                or not embedding_init_std > 0:
+            raise ValueError(f"embedding_init_std={embedding_init_std!r}; expected a number > 0")
         self.metric_names = list(metrics)
         parsed = [parse_metric_name(m) for m in self.metric_names]
         if monitor not in self.metric_names:
@@ -103,6 +108,7 @@ class MatchModel(BaseModel):
         self.temperature, self.epochs, self.max_steps_per_epoch = temperature, epochs, max_steps_per_epoch
         self.num_negatives, self.negative_sampler, self.sampler_alpha = num_negatives, negative_sampler, sampler_alpha
         self.eval_batch_size, self.seed = eval_batch_size, seed
+        self.embedding_init_std = float(embedding_init_std)
         self.precision_denominator = kwargs.get("precision_denominator", "k")
         self.item_corpus, self.sampler, self.history = None, None, []
 

@@ -1,4 +1,5 @@
 """Tests of the bundled demo data generator (model_zoo/data/demo.py)."""
+import json
 import os
 import re
 import time
@@ -8,7 +9,8 @@ import pandas as pd
 import pytest
 
 from model_zoo.data.demo import (AGE_BANDS, DEMO_FILES, PRICE_BANDS, REGIONS, TAG_SEPARATOR,
-                                 ensure_demo, generate_demo, simulate_demo)
+                                 ensure_demo, generate_demo, simulate_demo,
+                                 DEMO_GENERATOR_VERSION, DEMO_STAMP_FILE)
 
 SMALL = dict(num_users=300, num_items=400)
 
@@ -215,7 +217,30 @@ def test_ensure_demo_is_idempotent(tmp_path):
     ensure_demo(out_dir, **SMALL)
     assert os.path.isfile(paths["items"])
     assert not open(paths["users"]).read().endswith("# marker\n"), "a missing file regenerates all three"
-    assert sorted(os.listdir(out_dir)) == sorted(DEMO_FILES)
+    assert sorted(os.listdir(out_dir)) == sorted(DEMO_FILES + (DEMO_STAMP_FILE,))
+
+
+def test_ensure_demo_regenerates_files_of_another_generator_version(tmp_path):
+    out_dir = str(tmp_path / "raw")
+    paths = ensure_demo(out_dir, **SMALL)
+    fresh = _read_bytes(paths)
+    stamp_path = os.path.join(out_dir, DEMO_STAMP_FILE)
+    with open(stamp_path) as fd:
+        stamp = json.load(fd)
+    assert stamp["generator_version"] == DEMO_GENERATOR_VERSION
+    for change in ("older version", "no stamp", "other arguments"):
+        with open(paths["users"], "a") as fd:
+            fd.write("# stale\n")
+        if change == "older version":
+            with open(stamp_path, "w") as fd:
+                json.dump(dict(stamp, generator_version=DEMO_GENERATOR_VERSION - 1), fd)
+        elif change == "no stamp":
+            os.remove(stamp_path)
+        else:
+            with open(stamp_path, "w") as fd:
+                json.dump(dict(stamp, arguments=dict(stamp["arguments"], seed=7)), fd)
+        ensure_demo(out_dir, **SMALL)
+        assert _read_bytes(paths) == fresh, change
 
 
 @pytest.mark.parametrize("kwargs, fragment", [

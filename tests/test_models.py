@@ -18,12 +18,13 @@ SHRINK = {"embedding_dim": 16, "hidden_units": [16], "user_hidden_units": [16], 
           "token_dim": 16, "num_negatives": 10, "batch_size": 32}
 
 
-def _tiny_model(tmp_path, tiny_raw, name):
-    """The model's demo expid, moved onto the tiny dataset and shrunk."""
+def _tiny_model(tmp_path, tiny_raw, name, **overrides):
+    """The model's demo expid, moved onto the tiny dataset and shrunk (then `overrides` applied)."""
     entry = {k: v for k, v in load_config(REPO_CONFIG, f"{name}_demo_001").items()}
     keep = {k: v for k, v in entry.items() if k in _own_keys(name) or k in ("model", "negative_sampler")}
     keep.update({k: v for k, v in SHRINK.items() if k in _own_keys(name) or k in ("num_negatives", "batch_size")})
     keep["dataset_id"] = "tiny"
+    keep.update(overrides)
     config = write_config(str(tmp_path), tiny_raw, {"X_tiny": keep})
     params = load_config(config, "X_tiny")
     data_dir = build_dataset(params)
@@ -105,3 +106,14 @@ def test_checkpoint_round_trip_and_corrupt_file(tmp_path, tiny_raw):
         fd.write(b"garbage")
     with pytest.raises(ValueError, match=os.path.basename(model.checkpoint)):
         model.load_weights(model.checkpoint)
+
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODELS if get_model(n).trainable))
+def test_embedding_init_std_sets_the_feature_embedding_scale(name, tmp_path, tiny_raw):
+    for std in (1.e-4, 5.e-2):
+        model, _, _ = _tiny_model(tmp_path / str(std), tiny_raw, name, embedding_init_std=std)
+        table = model.embedding.embeddings.embedding_layers["item_id"].weight.detach()[1:]   # row 0: padding
+        assert abs(float(table.std()) - std) < 0.25 * std, (name, std, float(table.std()))
+    with pytest.raises(ValueError, match="embedding_init_std=0"):
+        _tiny_model(tmp_path / "bad", tiny_raw, name, embedding_init_std=0)

@@ -282,3 +282,29 @@ def test_user_tokenizer_invalid_arguments():
         UserTokenizer("dnn", num_fields=0)
     with pytest.raises(ValueError, match="fields shape"):
         UserTokenizer("dnn", embedding_dim=8, num_fields=2)(torch.randn(3, 4, 8))
+
+
+@pytest.mark.parametrize("mode", ["straight_through", "commitment_only"])
+def test_quantizer_warmup_feeds_tokens_then_codewords(tiny, mode):
+    model = _model(tiny, quantizer_warmup_steps=2, quantizer_grad=mode)
+    model.train()
+    batch, positives = _batch(tiny)
+    for step in range(3):
+        codebooks = model.quantizer.codebooks.clone()      # the training forward updates them afterwards
+        quantized, keys = model.encode_users(batch)
+        with torch.no_grad():
+            tokens = model.user_tokens(batch)
+        codes = model.quantizer.unpack_keys(keys)          # [B, K_u, M]
+        codewords = torch.cat([codebooks[m][codes[..., m]] for m in range(codes.shape[-1])], dim=-1)
+        if step < 2:
+            assert torch.allclose(quantized, tokens) and not torch.allclose(quantized, codewords)
+            match = model.score_matrix((quantized, keys), model.encode_items(model.items(positives))).sum()
+            assert (_tokenizer_grad_norm(model, match) > 0) == (mode == "straight_through")
+        else:
+            assert torch.equal(quantized.detach(), codewords)
+    model.eval()
+    with torch.no_grad():                                  # evaluation always uses the codes
+        quantized, keys = model.encode_users(batch)
+    assert torch.equal(quantized, model.code_vectors(keys))
+    with pytest.raises(ValueError, match="quantizer_warmup_steps=-1"):
+        _model(tiny, quantizer_warmup_steps=-1)

@@ -12,13 +12,18 @@ class FieldEmbedding(nn.Module):
     Args:
         feature_map: FuxiCTR FeatureMap of the dataset.
         embedding_dim: size D of every field embedding.
+        init_std: standard deviation of the normal initialiser (FuxiCTR's default 1e-4).
     """
 
-    def __init__(self, feature_map, embedding_dim=64):
+    def __init__(self, feature_map, embedding_dim=64, init_std=1.e-4):
         super().__init__()
+        if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not init_std > 0:
+            raise ValueError(f"FieldEmbedding: init_std={init_std!r}; expected a number > 0")
         self.feature_map = feature_map
         self.embedding_dim = embedding_dim
-        self.embeddings = FeatureEmbeddingDict(feature_map, embedding_dim)
+        # FuxiCTR takes the initialiser as a string it evaluates; only a formatted float goes in.
+        self.embeddings = FeatureEmbeddingDict(feature_map, embedding_dim,
+                                               embedding_initializer=f"partial(nn.init.normal_, std={float(init_std)!r})")
 
     def field_names(self, source, exclude=()):
         return [name for name, spec in self.feature_map.features.items()

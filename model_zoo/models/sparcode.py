@@ -44,6 +44,9 @@ class SparCode(MatchModel):
             "commitment_only" (the literal sg[] reading: only the commitment loss trains the tokenizer).
         dead_code_threshold: restart codewords whose EMA cluster size is below it; 0 = never. Default 1e-2.
         kmeans_init: set the codebooks by k-means on the first training batch. Default True.
+        quantizer_warmup_steps: training steps during which the scorer is fed the unquantized tokens
+            (the quantizer runs, its codebooks follow the tokens, evaluation uses the codes). 0 (default)
+            quantizes from the first step as in the paper.
         interaction: scorer, "dot" | "maxsim" | "crossnet" | "dnn" | "innerp_dnn" (default, Eq. 9).
         hidden_units: MLP of the "dnn" / "innerp_dnn" scorer. Default [256, 256, 256] (paper).
         tokenizer_hidden_units: MLP of the tokenizer. Default [256].
@@ -63,9 +66,9 @@ class SparCode(MatchModel):
     def __init__(self, feature_map, model_id="SparCode", embedding_dim=64, tokenizer="dnn", token_heads="linear",
                  num_query_tokens=2, num_item_tokens=2, token_dim=None, num_codebooks=2, codebook_size=256,
                  codebook_decay=0.99, commitment_weight=0.25, quantizer_grad="straight_through",
-                 dead_code_threshold=1e-2, kmeans_init=True, interaction="innerp_dnn", hidden_units=(256, 256, 256),
-                 tokenizer_hidden_units=(256,), hidden_activations="ReLU", sparse_bias_init=1.0, net_dropout=0.1,
-                 num_layers=2, num_heads=1, normalize_tokens=True, **kwargs):
+                 dead_code_threshold=1e-2, kmeans_init=True, quantizer_warmup_steps=0, interaction="innerp_dnn",
+                 hidden_units=(256, 256, 256), tokenizer_hidden_units=(256,), hidden_activations="ReLU",
+                 sparse_bias_init=1.0, net_dropout=0.1, num_layers=2, num_heads=1, normalize_tokens=True, **kwargs):
         super().__init__(feature_map, model_id=model_id, **kwargs)
         for name, value, allowed in (("tokenizer", tokenizer, TOKENIZERS), ("token_heads", token_heads, HEAD_TYPES),
                                      ("interaction", interaction, INTERACTIONS),
@@ -80,7 +83,7 @@ class SparCode(MatchModel):
                 raise ValueError(f"SparCode: {name}={value!r}; expected a positive int")
         if token_dim % num_codebooks:
             raise ValueError(f"SparCode: token_dim={token_dim} must be divisible by num_codebooks={num_codebooks}")
-        self.embedding = FieldEmbedding(feature_map, embedding_dim)
+        self.embedding = FieldEmbedding(feature_map, embedding_dim, self.embedding_init_std)
         self.sequence_tokenizer = tokenizer != "dnn"
         if self.sequence_tokenizer and HISTORY_FEATURE not in feature_map.features:
             raise ValueError(f"SparCode: tokenizer={tokenizer!r} needs the history feature {HISTORY_FEATURE!r}")
@@ -99,6 +102,10 @@ class SparCode(MatchModel):
                                         dropout=net_dropout)
         self.bias = nn.Parameter(torch.tensor(float(sparse_bias_init)))    # b of Eq. 10
         self.pair_width = (num_item_tokens + 1) * token_dim + sum(hidden_units or ())
+        if isinstance(quantizer_warmup_steps, bool) or not isinstance(quantizer_warmup_steps, int) \
+                or quantizer_warmup_steps < 0:
+            raise ValueError(f"SparCode: quantizer_warmup_steps={quantizer_warmup_steps!r}; expected an int >= 0")
+        self.quantizer_warmup_steps, self.train_steps = quantizer_warmup_steps, 0
         self._commit_loss, self._epoch_keys, self._epoch_commit, self._zero_scores = None, [], [], [0, 0]
         self.compile()
         self.reset_parameters()
@@ -118,10 +125,18 @@ class SparCode(MatchModel):
         return self.tokenizer(fields, history, mask)
 
     def encode_users(self, inputs):
-        """(quantized tokens [B, K_u, D_T], keys [B, K_u] int64)."""
-        quantized, codes, commit_loss = self.quantizer(self.user_tokens(inputs))
+        """(quantized tokens [B, K_u, D_T], keys [B, K_u] int64).
+
+        During the first `quantizer_warmup_steps` training calls the scorer gets the tokens themselves
+        (detached under commitment_only) while the quantizer still runs and its codebooks track them.
+        """
+        tokens = self.user_tokens(inputs)                                                   # [B, K_u, D_T]
+        quantized, codes, commit_loss = self.quantizer(tokens)
         keys = self.quantizer.pack_keys(codes)                                              # [B, K_u]
         if self.training:
+            if self.train_steps < self.quantizer_warmup_steps:
+                quantized = tokens if self.quantizer.gradient_mode == "straight_through" else tokens.detach()
+            self.train_steps += 1
             self._commit_loss = commit_loss
             self._epoch_commit.append(float(self.quantizer.last_raw_commitment))
             self._epoch_keys.append(torch.unique(keys))
