@@ -6,8 +6,9 @@ this script sets identically for all of them:
 
 - eval_max_users and seed: the same seeded random subset of validation and test users for every model
   (EvalUsers draws it from the seed; the report prints a fingerprint of the test rows);
-- data_root (default ./data/oracle_comparison/): a private copy of the demo, generated from the current
-  model_zoo/data/demo.py on first use, so other runs on ./data/demo are not disturbed;
+- data_root (default ./data/oracle_comparison/): a private copy of the demo, generated from
+  model_zoo/data/demo.py on first use (--fresh-data regenerates it from the current demo.py), so other
+  runs on ./data/demo are not disturbed; a result older than the data is stale (rerun, not reported);
 - model_root (default ./checkpoints/oracle_comparison/): the repo's checkpoints are not overwritten;
 - num_threads (default 1: the machine is shared).
 
@@ -53,6 +54,9 @@ def parse_args(argv=None):
     parser.add_argument("--num-threads", type=int, default=1)
     parser.add_argument("--reuse", action="store_true", help="skip an expid whose result JSON has these settings")
     parser.add_argument("--report-only", action="store_true", help="rewrite the table from existing JSONs")
+    parser.add_argument("--fresh-data", action="store_true",
+                        help="delete <data-root>/demo first: regenerate it from the current demo.py (results on "
+                             "the old data are then stale and rerun)")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "oracle_comparison.md"))
     return parser.parse_args(argv)
 
@@ -90,7 +94,11 @@ def result_path(args, entry, expid):
     return os.path.join(os.path.abspath(args.model_root), entry["dataset_id"], expid + ".json")
 
 
-def matches(result, wanted):
+def matches(result, wanted, path):
+    """The result has the wanted settings and is newer than the dataset it was computed on."""
+    info = os.path.join(wanted["data_root"], wanted["dataset_id"], "build_info.json")
+    if not os.path.exists(info) or os.path.getmtime(info) > os.path.getmtime(path):
+        return False
     return all(result["params"].get(k) == v for k, v in wanted.items() if k not in ("data_root", "model_root"))
 
 
@@ -104,7 +112,7 @@ def run_one(args, expid):
         path = result_path(args, entry, expid)
         if args.reuse and os.path.exists(path):
             with open(path) as fd:
-                if matches(json.load(fd), entry):
+                if matches(json.load(fd), entry, path):
                     print(f"{expid}: reusing {path}", flush=True)
                     return None
         started = time.time()
@@ -141,7 +149,7 @@ def write_report(args, failures, seconds):
         if os.path.exists(path):
             with open(path) as fd:
                 result = json.load(fd)
-            if not matches(result, entry):
+            if not matches(result, entry, path):
                 result = None
         rows.append((expid, result, failures.get(expid) or (None if result else "not run")))
         settings = settings or entry
@@ -179,7 +187,8 @@ def write_report(args, failures, seconds):
                 lines.append(f"WARNING: {expid} was evaluated on {users.get('test')} test users, not {n_eval}.")
     oracle = next((r[1]["test"]["Recall(k=50)"] for r in ok if r[1]["model"] == ORACLE), None)
     head = ["model", "expid"] + [f"test {m}" for m in REPORT_METRICS] + \
-        ["% of oracle R@50", "valid Recall(k=50)", "epochs", "train s", "eval s (valid+test)", "test users"]
+        ["R@50 / AllToAllSA", "valid Recall(k=50)", "epochs", "training rows seen", "train s",
+         "eval s (valid+test)", "test users"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for expid, result, problem in rows:
         if result is None:
@@ -187,13 +196,18 @@ def write_report(args, failures, seconds):
                          f" | {problem} |")
             continue
         test, valid = result["test"], result["valid"]
-        share = f"{100 * test['Recall(k=50)'] / oracle:.0f}%" if oracle else "-"
+        share = f"{test['Recall(k=50)'] / oracle:.2f}" if oracle else "-"
         best_valid = valid.get("Recall(k=50)", float("nan"))
+        seen = sum(h.get("examples_per_second", 0) * h.get("train_seconds", 0) for h in result.get("history", []))
         lines.append(f"| {result['model']} | {expid} | " + " | ".join(f"{test[m]:.4f}" for m in REPORT_METRICS) +
-                     f" | {share} | {best_valid:.4f} | {len(result.get('history', []))} | "
+                     f" | {share} | {best_valid:.4f} | {len(result.get('history', []))} | {seen:,.0f} | "
                      f"{result['seconds'].get('train', 0):.0f} | {result['seconds'].get('evaluate', 0):.0f} | "
                      f"{result.get('eval_users', {}).get('test', '-')} |")
-    lines += ["", "Each model's own hyperparameters are those of its expid in config/model_config/ (the "
+    lines += ["", "Columns: test metrics after early stopping on the validation subset (best epoch's weights); "
+              "`valid Recall(k=50)` of those weights; `epochs` trained; `training rows seen` = (user, positive) "
+              "training rows over all epochs (the oracle encodes batch_size x (1 + num_negatives) user-item "
+              "sequences per step, so on a CPU it sees far fewer rows than the two-tower models).",
+              "", "Each model's own hyperparameters are those of its expid in config/model_config/ (the "
               "JSON next to each checkpoint under " + os.path.relpath(os.path.abspath(args.model_root), REPO) +
               " holds the merged parameters and per-epoch history). Times are wall-clock on a shared "
               "machine and only indicative.", ""]
@@ -211,6 +225,8 @@ def write_report(args, failures, seconds):
 def main(argv=None):
     args = parse_args(argv)
     started, failures = time.time(), {}
+    if args.fresh_data and not args.report_only:
+        shutil.rmtree(os.path.join(os.path.abspath(args.data_root), "demo"), ignore_errors=True)
     if not args.report_only:
         for expid in args.expids:
             problem = run_one(args, expid)

@@ -6,13 +6,17 @@ that number is reproduced by `python run_expid.py --expid <expid>`; other seeds 
 a copy of the expid (`<expid>__s<seed>`) from a temporary config folder that holds the
 repository's config plus those copies. Results are read from
 `<model_root>/<dataset_id>/<expid>.json`; `--reuse` skips a run whose JSON was written with the
-same parameters. The table (mean and sample std over seeds) goes to
-`benchmarks/results/sequential_baselines.csv` and between the table markers of
-`benchmarks/results/sequential_baselines.md` (the rest of that file, the notes, is kept).
+same parameters. One row per run goes to `benchmarks/results/sequential_baselines.csv` (the rows of
+the benchmarks run now replace theirs; other benchmarks' rows are kept), and the table (mean and
+sample std over seeds) is rewritten between the table markers of
+`benchmarks/results/sequential_baselines.md` (the rest of that file, the notes, is kept). With
+`--paired`, every checkpoint is reloaded, per-user test Recall@50 / NDCG@50 are averaged over seeds
+and the paired model differences get a bootstrap 95% CI over test users (the paired block of the
+markdown, and `sequential_baselines_paired.csv`).
 
-    python benchmarks/sequential_baselines.py --benchmarks ml100k --seeds 2023 2024 2025
-    python benchmarks/sequential_baselines.py --benchmarks demo --seeds 2023 --set max_steps_per_epoch=null
-    python benchmarks/sequential_baselines.py --report-only     # rebuild the table from existing JSONs
+    python benchmarks/sequential_baselines.py --benchmarks ml100k --seeds 2023 2024 2025 --paired
+    python benchmarks/sequential_baselines.py --benchmarks demo --set epochs=6 max_steps_per_epoch=300
+    python benchmarks/sequential_baselines.py --report-only ...   # same --seeds/--set: table from the JSONs
 """
 import argparse
 import csv
@@ -35,6 +39,7 @@ sys.path.insert(0, ROOT)
 from model_zoo import get_model  # noqa: E402
 from model_zoo.config import load_config  # noqa: E402
 from model_zoo.experiment import open_data  # noqa: E402
+from model_zoo.results import load_result_if_current, result_json_path  # noqa: E402
 from model_zoo.retrieval.metrics import topk_metrics  # noqa: E402
 
 # Benchmark name -> the expids compared on it (DSSM first: the paper's order DSSM < GRU4Rec < SASRec).
@@ -43,8 +48,6 @@ BENCHMARKS = {
     "ml100k": ("DSSM_ml100k_001", "GRU4Rec_ml100k_001", "SASRec_ml100k_001"),
 }
 METRICS = ("Recall(k=50)", "NDCG(k=50)", "Recall(k=20)", "NDCG(k=20)")
-# Parameters that may differ between a JSON result and the config without changing the run.
-VOLATILE = {"gpu", "_config_file", "_dataset_config_file", "model_id", "verbose"}
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 TABLE_START, TABLE_END = "<!-- table:start -->", "<!-- table:end -->"
 PAIRED_START, PAIRED_END = "<!-- paired:start -->", "<!-- paired:end -->"
@@ -134,23 +137,12 @@ class Plan:
                 + (f" --set {sets}" if sets else ""))
 
 
-def result_path(params):
-    return os.path.join(ROOT, params["model_root"], params["dataset_id"], params["model_id"] + ".json")
-
-
-def same_params(result, params):
-    old = {k: v for k, v in result.get("params", {}).items() if k not in VOLATILE}
-    new = json.loads(json.dumps({k: v for k, v in params.items() if k not in VOLATILE}, default=str))
-    return old == new
-
-
 def run_one(config_dir, run_expid, reuse, num_threads=None):
     params = load_config(config_dir, run_expid)
-    path = result_path(params)
-    if reuse and os.path.exists(path):
-        with open(path) as fd:
-            result = json.load(fd)
-        if same_params(result, params):
+    path = result_json_path(params, ROOT)
+    if reuse:
+        result = load_result_if_current(params, ROOT)
+        if result is not None:
             return result, False
     started = time.time()
     env = dict(os.environ)
@@ -167,7 +159,7 @@ def run_one(config_dir, run_expid, reuse, num_threads=None):
     return result, True
 
 
-def summarise(plan, rows):
+def summarise(rows):
     """Mean and sample std of each metric over seeds, per (benchmark, expid)."""
     table = []
     keys = sorted({(r["benchmark"], r["expid"]) for r in rows},
@@ -177,11 +169,10 @@ def summarise(plan, rows):
         line = {"benchmark": bench, "dataset_id": group[0]["dataset_id"], "model": group[0]["model"],
                 "expid": expid, "seeds": " ".join(str(r["seed"]) for r in group), "n": len(group),
                 "test_users": group[0]["test_users"], "epochs": " ".join(str(r["epochs"]) for r in group),
-                "train_minutes": round(statistics.mean(r["train_seconds"] for r in group) / 60, 1),
-                "command": plan.command(bench, [r["seed"] for r in group],
-                                        expid if all(r["run_expid"] == expid for r in group) else None)}
+                "train_minutes": round(statistics.mean(float(r["train_seconds"]) for r in group) / 60, 1),
+                "command": group[0].get("command", "")}
         for metric in METRICS:
-            values = [r[metric] for r in group]
+            values = [float(r[metric]) for r in group]
             line[metric] = statistics.mean(values)
             line[metric + " std"] = statistics.stdev(values) if len(values) > 1 else None
         table.append(line)
@@ -248,10 +239,17 @@ def paired_differences(plan, rows):
                     boot = diff[samples].mean(axis=1)
                     low, high = np.percentile(boot, [2.5, 97.5])
                     cells.append(f"{diff.mean():+.4f} [{low:+.4f}, {high:+.4f}]")
-                lines.append(f"| {bench} | {second} - {first} | {cells[0]} | {cells[1]} | {n_users} |")
-    header = [f"| Benchmark | Difference | test Recall@{PAIRED_K} (95% CI) | test NDCG@{PAIRED_K} (95% CI) "
-              "| test users |", "|---|---|---|---|---|"]
-    return "\n".join(header + lines)
+                lines.append({"benchmark": bench, "difference": f"{second} - {first}", "recall": cells[0],
+                              "ndcg": cells[1], "test_users": n_users})
+    return lines
+
+
+def markdown_paired(lines):
+    out = [f"| Benchmark | Difference (seed-averaged per user) | test Recall@{PAIRED_K} [95% CI] | "
+           f"test NDCG@{PAIRED_K} [95% CI] | test users |", "|---|---|---|---|---|"]
+    out += [f"| {x['benchmark']} | {x['difference']} | {x['recall']} | {x['ndcg']} | {x['test_users']} |"
+            for x in lines]
+    return "\n".join(out)
 
 
 def replace_block(text, start, end, block):
@@ -268,24 +266,48 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
-def write_outputs(out, rows, table, paired=None):
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    columns = ["benchmark", "dataset_id", "model", "expid", "seed", "run_expid", "test_users",
-               "epochs", "train_seconds"] + list(METRICS)
+def read_csv(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as fd:
+        return list(csv.DictReader(fd))
+
+
+def write_csv(path, rows, columns):
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_atomic(out + ".csv", buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
+
+
+def write_outputs(out, benchmarks, rows, paired=None):
+    """Rows of `benchmarks` replace theirs in `<out>.csv` (other benchmarks' rows are kept); the
+    markdown table (and the paired block, if computed) is rebuilt from the merged rows."""
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    order = {name: i for i, name in enumerate(BENCHMARKS)}
+    columns = ["benchmark", "dataset_id", "model", "expid", "seed", "run_expid", "command", "test_users",
+               "epochs", "train_seconds"] + list(METRICS)
+    rows = [r for r in read_csv(out + ".csv") if r["benchmark"] not in benchmarks] + rows
+    rows.sort(key=lambda r: (order.get(r["benchmark"], 99), r["benchmark"]))
+    write_csv(out + ".csv", rows, columns)
+    paired_rows = None
+    if paired is not None:
+        paired_rows = [r for r in read_csv(out + "_paired.csv") if r["benchmark"] not in benchmarks] + paired
+        paired_rows.sort(key=lambda r: (order.get(r["benchmark"], 99), r["benchmark"]))
+        write_csv(out + "_paired.csv", paired_rows, ["benchmark", "difference", "recall", "ndcg", "test_users"])
     md_path = out + ".md"
     text = "# Sequential two-tower baselines\n"
     if os.path.exists(md_path):
         with open(md_path) as fd:
             text = fd.read()
+    table = summarise(rows)
     text = replace_block(text, TABLE_START, TABLE_END, f"{TABLE_START}\n{markdown_table(table)}\n{TABLE_END}")
-    if paired is not None:
-        text = replace_block(text, PAIRED_START, PAIRED_END, f"{PAIRED_START}\n{paired}\n{PAIRED_END}")
+    if paired_rows is not None:
+        text = replace_block(text, PAIRED_START, PAIRED_END,
+                             f"{PAIRED_START}\n{markdown_paired(paired_rows)}\n{PAIRED_END}")
     write_atomic(md_path, text)
+    return table, paired_rows
 
 
 def collect(plan, run):
@@ -298,7 +320,7 @@ def collect(plan, run):
             print(f"[{bench}] {run_expid}: {'ran' if ran else 'reused'}; test Recall@50 "
                   f"{result['test']['Recall(k=50)']:.4f} NDCG@50 {result['test']['NDCG(k=50)']:.4f}", flush=True)
         else:
-            path = result_path(params)
+            path = result_json_path(params, ROOT)
             if not os.path.exists(path):
                 print(f"[{bench}] {run_expid}: no result at {path}; skipped", flush=True)
                 continue
@@ -309,6 +331,10 @@ def collect(plan, run):
                      "test_users": result["eval_users"]["test"], "epochs": len(result["history"]),
                      "train_seconds": result["seconds"]["train"],
                      **{m: result["test"][m] for m in METRICS}})
+    for row in rows:                                     # the command that reproduces the table line
+        group = [r for r in rows if r["benchmark"] == row["benchmark"] and r["expid"] == row["expid"]]
+        plain = all(r["run_expid"] == r["expid"] for r in group)
+        row["command"] = plan.command(row["benchmark"], [r["seed"] for r in group], row["expid"] if plain else None)
     return rows
 
 
@@ -322,11 +348,10 @@ def main(argv=None):
         paired = paired_differences(plan, rows) if args.paired else None
     finally:
         plan.cleanup()
-    table = summarise(plan, rows)
-    write_outputs(args.out, rows, table, paired)
+    table, paired_rows = write_outputs(args.out, args.benchmarks, rows, paired)
     print(markdown_table(table))
-    if paired:
-        print(paired)
+    if paired_rows:
+        print(markdown_paired(paired_rows))
     return 0
 
 

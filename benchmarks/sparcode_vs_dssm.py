@@ -8,11 +8,15 @@ Recall@50 / NDCG@50, SparCode's codebook usage at the kept epoch, and the traini
     python benchmarks/sparcode_vs_dssm.py                       # DSSM_demo_001, SparCode_demo_001,
                                                                 # SparCode_demo_commitment_only, seed 2023
     python benchmarks/sparcode_vs_dssm.py --seeds 2023 2024 2025
+    python benchmarks/sparcode_vs_dssm.py --reuse                # reuse run_expid results of the same parameters
+    python benchmarks/sparcode_vs_dssm.py --data-root data/bench_sparcode --model-root checkpoints/bench_sparcode
 
 Every expid of a seed gets the same seed (model init, negative sampling, batch order). A seed
 other than the config's is run as a derived expid `<expid>_seed<seed>` in a temporary copy of
-the config folder; checkpoints and logs go to the expid's model_root as usual. Output:
-benchmarks/results/sparcode_vs_dssm.md and .json (written atomically).
+the config folder. `--data-root` builds (for `source: demo`: generates) the data in a folder of
+its own, so a concurrent rebuild of ./data/demo cannot change it mid-run; `--model-root` keeps
+the checkpoints apart from ./checkpoints. Output: benchmarks/results/sparcode_vs_dssm.md and
+.json (written atomically after every run).
 """
 import argparse
 import json
@@ -29,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from model_zoo.config import load_config  # noqa: E402
 from model_zoo.experiment import run_experiment  # noqa: E402
+from model_zoo.results import load_result_if_current  # noqa: E402
 
 DEFAULT_EXPIDS = ("DSSM_demo_001", "SparCode_demo_001", "SparCode_demo_commitment_only")
 METRICS = ("Recall(k=50)", "NDCG(k=50)", "Recall(k=20)", "NDCG(k=20)")
@@ -40,15 +45,44 @@ def parse_args(argv=None):
     parser.add_argument("--expids", nargs="+", default=list(DEFAULT_EXPIDS))
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
                         help="seeds (default: the seed of the config, run once)")
+    parser.add_argument("--data-root", default=None,
+                        help="build the datasets under this folder instead of the config's data_root (a demo "
+                             "dataset is generated there by the current model_zoo/data/demo.py)")
+    parser.add_argument("--model-root", default=None,
+                        help="checkpoints and logs under this folder instead of the config's model_root")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take a run's result JSON instead of training when it was written with the same "
+                             "parameters (e.g. by run_expid.py --expid SparCode_demo_001)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "sparcode_vs_dssm"),
                         help="output path without extension (.md and .json are written)")
     return parser.parse_args(argv)
 
 
-def seeded_config(config_dir, expids, seeds, workdir):
-    """A copy of `config_dir` with `<expid>_seed<s>` entries; returns it and the expid of each run."""
+def seeded_config(config_dir, expids, seeds, workdir, data_root=None, model_root=None):
+    """A copy of `config_dir` with `<expid>_seed<s>` entries (and data_root / model_root replaced when
+    given); returns it and the (expid, seed, expid to run) of each run."""
     copy = os.path.join(workdir, os.path.basename(os.path.normpath(config_dir)))
     shutil.copytree(config_dir, copy)
+    if model_root is not None:
+        for name in os.listdir(os.path.join(copy, "model_config")):
+            path = os.path.join(copy, "model_config", name)
+            with open(path) as fd:
+                content = yaml.safe_load(fd) or {}
+            if "Base" in content:
+                content["Base"]["model_root"] = os.path.abspath(model_root)
+                with open(path, "w") as fd:
+                    yaml.safe_dump(content, fd)
+    if data_root is not None:
+        path = os.path.join(copy, "dataset_config.yaml")
+        with open(path) as fd:
+            datasets = yaml.safe_load(fd)
+        for expid in expids:
+            dataset = datasets[load_config(config_dir, expid)["dataset_id"]]
+            dataset["data_root"] = os.path.abspath(data_root)
+            if dataset.get("source") == "demo":
+                dataset.pop("raw_dir", None)          # generated under the new data_root
+        with open(path, "w") as fd:
+            yaml.safe_dump(datasets, fd)
     entries, runs = {}, []
     for seed in seeds:
         for expid in expids:
@@ -111,11 +145,22 @@ def _usage(row):
     return f"ppl {perplexity} of {row['codebook_size']}; dead {dead}; {row['distinct_codes']} codes"
 
 
-def markdown(rows, command, seeds):
+def data_provenance(result):
+    """Raw files (sha256 prefix) and sizes of the dataset a result was trained on."""
+    info_path = os.path.join(result["params"]["data_root"], result["dataset_id"], "build_info.json")
+    if not os.path.exists(info_path):
+        return ""
+    with open(info_path) as fd:
+        info = json.load(fd)
+    files = ", ".join(f"{os.path.basename(f['path'])} {f['sha256'][:12]}" for f in info.get("files", []))
+    return f"{info['params'].get('source')} data in {os.path.dirname(info_path)}: {files}; sizes {info.get('sizes')}"
+
+
+def markdown(rows, command, seeds, provenance=""):
     lines = ["# SparCode vs DSSM on the demo data", "",
-             f"Command: `{command}`", "",
+             f"Command: `{command}`", "", f"Data: {provenance}", "",
              "Test metrics: exact full ranking over the whole item corpus, history items masked, best "
-             "validation epoch (Recall(k=20) monitor). Codebook usage of the kept epoch's training batches: "
+             "validation epoch (each expid's `monitor`). Codebook usage of the kept epoch's training batches: "
              "perplexity of each codebook out of N codewords, codewords never used in that epoch, distinct "
              "full codes (keys) seen in that epoch. Train seconds are wall-clock and depend on the machine "
              "load.", "",
@@ -164,15 +209,20 @@ def main(argv=None):
     seeds = args.seeds or [load_config(args.config, args.expids[0])["seed"]]
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
-        config, runs = seeded_config(args.config, args.expids, seeds, workdir)
+        config, runs = seeded_config(args.config, args.expids, seeds, workdir, args.data_root,
+                                     args.model_root)
         for expid, seed, run_id in runs:
             started = time.time()
-            result = run_experiment(config, run_id, command=command)
+            result = load_result_if_current(load_config(config, run_id)) if args.reuse else None
+            if result is None:
+                result = run_experiment(config, run_id, command=command)
             rows.append(summarize(expid, seed, result))
+            provenance = data_provenance(result)
             print(f"{run_id}: test Recall@50 {rows[-1]['Recall(k=50)']:.4f} "
                   f"({time.time() - started:.0f} s)", flush=True)
-            write_atomic(args.out + ".json", json.dumps({"command": command, "rows": rows}, indent=2))
-            write_atomic(args.out + ".md", markdown(rows, command, seeds))
+            write_atomic(args.out + ".json", json.dumps({"command": command, "data": provenance, "rows": rows},
+                                                        indent=2))
+            write_atomic(args.out + ".md", markdown(rows, command, seeds, provenance))
     print(open(args.out + ".md").read())
     return 0
 

@@ -54,6 +54,35 @@ STATUSES = ("done", "failed", "interrupted", "pending")
 
 
 # ---- small helpers ----------------------------------------------------------------------------
+# Result-JSON parameters that may differ without changing what a run computes.
+VOLATILE_PARAMS = frozenset({"gpu", "_config_file", "_dataset_config_file", "model_id", "verbose"})
+
+
+def result_json_path(params, root="."):
+    """`<model_root>/<dataset_id>/<model_id>.json` (a relative model_root is taken from `root`), where
+    run_expid writes an expid's result."""
+    return os.path.join(root, params["model_root"], params["dataset_id"], params["model_id"] + ".json")
+
+
+def load_result_if_current(params, root="."):
+    """The result JSON of `params`' expid if it was written with the same parameters, else None.
+
+    Parameters are compared after a JSON round trip, ignoring VOLATILE_PARAMS; benchmark scripts use
+    it to reuse a finished run instead of training again.
+    """
+    path = result_json_path(params, root)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as fd:
+            result = json.load(fd)
+    except (OSError, ValueError):
+        return None
+    old = {k: v for k, v in result.get("params", {}).items() if k not in VOLATILE_PARAMS}
+    new = json.loads(json.dumps({k: v for k, v in params.items() if k not in VOLATILE_PARAMS}, default=str))
+    return result if old == new else None
+
+
 def _write_text_atomic(path, text):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
