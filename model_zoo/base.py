@@ -77,7 +77,8 @@ class MatchModel(BaseModel):
 
     def __init__(self, feature_map, model_id="MatchModel", gpu=-1, learning_rate=1.e-3, optimizer="adam",
                  temperature=1.0, num_negatives=100, negative_sampler="uniform", sampler_alpha=0.75,
-                 embedding_init_std=1.e-4, embedding_regularizer=0.0, net_regularizer=0.0, metrics=TRAINING_DEFAULTS["metrics"],
+                 embedding_init_std=1.e-4, embedding_regularizer=0.0, net_regularizer=0.0,
+                 metrics=TRAINING_DEFAULTS["metrics"],
                  monitor="Recall(k=20)", monitor_mode="max", early_stop_patience=2, epochs=10,
                  max_steps_per_epoch=None, eval_batch_size=512, model_root="./checkpoints/", seed=2023,
                  verbose=1, **kwargs):

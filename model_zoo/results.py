@@ -68,7 +68,8 @@ def load_result_if_current(params, root="."):
     """The result JSON of `params`' expid if it was written with the same parameters, else None.
 
     Parameters are compared after a JSON round trip, ignoring VOLATILE_PARAMS; benchmark scripts use
-    it to reuse a finished run instead of training again.
+    it to reuse a finished run instead of training again. The data is not compared: a result made
+    before the dataset was rebuilt (e.g. a new demo generator version) is still returned.
     """
     path = result_json_path(params, root)
     if not os.path.exists(path):

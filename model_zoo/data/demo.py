@@ -1,10 +1,11 @@
 """Bundled synthetic dataset `demo`: a deterministic generator of three raw CSV files.
 
 `generate_demo(out_dir, ...)` writes `users.csv`, `items.csv` and `interactions.csv`;
-`ensure_demo(raw_dir)` does so only when one of them is missing or was made by another version of
-this generator (the pipeline calls it on first use of `dataset_id: demo`). Everything is drawn from one `numpy.random.default_rng(seed)`
-in a fixed order, so the same arguments give byte-identical files. Default size: 5,000 users,
-2,000 items, about 200,000 interactions, written in a few seconds.
+`ensure_demo(raw_dir)` does so only when one of them is missing or was made by another
+version of this generator (the pipeline calls it on first use of `dataset_id: demo`). Everything
+is drawn from one `numpy.random.default_rng(seed)` in a fixed order, so the same arguments give
+byte-identical files. Default size: 5,000 users, 2,000 items, about 200,000 interactions, written
+in a few seconds.
 
 Files
 -----

@@ -22,8 +22,8 @@ class FieldEmbedding(nn.Module):
         self.feature_map = feature_map
         self.embedding_dim = embedding_dim
         # FuxiCTR takes the initialiser as a string it evaluates; only a formatted float goes in.
-        self.embeddings = FeatureEmbeddingDict(feature_map, embedding_dim,
-                                               embedding_initializer=f"partial(nn.init.normal_, std={float(init_std)!r})")
+        initializer = f"partial(nn.init.normal_, std={float(init_std)!r})"
+        self.embeddings = FeatureEmbeddingDict(feature_map, embedding_dim, embedding_initializer=initializer)
 
     def field_names(self, source, exclude=()):
         return [name for name, spec in self.feature_map.features.items()
