@@ -34,8 +34,8 @@ R3 Popularity. Item i has a base weight pop_i = (1 + rank_i) ** -popularity_expo
 R4 Interests: an OR over disjoint clusters, thresholded on tags. A user has 2, 3 or 4
    interests (probabilities 0.3/0.45/0.25): themes drawn uniformly under the constraint that no
    two of the user's themes share a tag. An item matches an interest when it carries >= 2 of that
-   theme's 3 tags (a few dozen items per theme); the user's liked set is the union (OR) over the
-   interests (about 50 items). An item carrying one tag of interest A and one of interest B is
+   theme's 3 tags (about 29 items per theme); the user's liked set is the union (OR) over the
+   interests (about 84 items). An item carrying one tag of interest A and one of interest B is
    NOT liked, although a tag-additive user vector (the blend of the interests) scores it like a
    true match. Over all users the liked sets span about one direction per theme (120, about twice
    a 64-d embedding): the user x item preference matrix has a rank above the towers' dimension.
