@@ -79,9 +79,14 @@ def load_result_if_current(params, root="."):
             result = json.load(fd)
     except (OSError, ValueError):
         return None
+    return result if same_params(result, params) else None
+
+
+def same_params(result, params):
+    """Whether a result JSON was written with `params` (JSON round trip, VOLATILE_PARAMS ignored)."""
     old = {k: v for k, v in result.get("params", {}).items() if k not in VOLATILE_PARAMS}
     new = json.loads(json.dumps({k: v for k, v in params.items() if k not in VOLATILE_PARAMS}, default=str))
-    return result if old == new else None
+    return old == new
 
 
 def _write_text_atomic(path, text):

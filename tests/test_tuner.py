@@ -52,7 +52,9 @@ if flag and os.path.exists(flag) and calls >= 2:      # the second run "kills th
 score = entry["embedding_dim"] / 100.0 + (0.001 if entry.get("similarity") == "cosine" else 0.0)
 metrics = {f"{m}(k={k})": round(score * (k / 20.0) * f, 6) for m, f in (("Recall", 1.0), ("NDCG", 0.8),
                                                                          ("HitRate", 3.0)) for k in (20, 50)}
-result = {"expid": args.expid, "model": entry["model"], "dataset_id": entry["dataset_id"],
+from model_zoo.config import load_config
+params = json.loads(json.dumps(load_config(args.config, args.expid), default=str))   # as run_expid writes them
+result = {"expid": args.expid, "model": entry["model"], "dataset_id": entry["dataset_id"], "params": params,
           "valid": metrics, "test": {k: v * 0.9 for k, v in metrics.items()}, "seconds": {"train": 0.5},
           "serving": {"index": {"Sparsity": 0.25, "Average Items": 7.5}, "metrics_index": metrics}}
 folder = os.path.join(entry["model_root"], entry["dataset_id"])
@@ -163,6 +165,25 @@ def test_rerun_runs_only_combinations_without_result(tuner_env):
     assert len(result_lines(output)) == 5
     assert all(os.path.getmtime(p) == t for p, t in kept.items())
     assert {r["status"] for r in read_csv(os.path.join(output, "full_results.csv"))} == {"done"}
+
+    # A result at a run's path written with other parameters (an earlier grid) is not reused ...
+    other = runs[0]["expid"]
+    other_path = next(r["result_path"] for r in summary["runs"] if r["expid"] == other)
+    with open(other_path) as fd:
+        result = json.load(fd)
+    result["params"]["learning_rate"] = 0.5
+    with open(other_path, "w") as fd:
+        json.dump(result, fd)
+    assert run_param_tuner.main(argv) == 0
+    assert fake_calls(tuner_env)[5:] == [other]
+    # ... nor is one older than the dataset (rebuilt from new raw data since).
+    info = os.path.join(str(tuner_env["root"]), "data", "tiny", "build_info.json")
+    assert os.path.exists(info)
+    earlier = os.path.getmtime(info) - 10
+    for result_path in [r["result_path"] for r in summary["runs"]]:
+        os.utime(result_path, (earlier, earlier))
+    assert run_param_tuner.main(argv) == 0
+    assert sorted(fake_calls(tuner_env)[6:]) == sorted(r["expid"] for r in runs)
 
 
 def test_killed_tuner_stops_workers_and_rerun_finishes_only_the_missing(tuner_env, capsys):
