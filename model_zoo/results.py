@@ -65,28 +65,32 @@ def result_json_path(params, root="."):
 
 
 def load_result_if_current(params, root="."):
-    """The result JSON of `params`' expid if it was written with the same parameters, else None.
+    """The result JSON of `params`' expid if `is_current` (same parameters, newer than the data), else None.
 
-    Parameters are compared after a JSON round trip, ignoring VOLATILE_PARAMS; benchmark scripts use
-    it to reuse a finished run instead of training again. The data is not compared: a result made
-    before the dataset was rebuilt (e.g. a new demo generator version) is still returned.
+    Benchmark scripts use it to reuse a finished run instead of training again.
     """
     path = result_json_path(params, root)
-    if not os.path.exists(path):
-        return None
     try:
         with open(path) as fd:
             result = json.load(fd)
     except (OSError, ValueError):
         return None
-    return result if same_params(result, params) else None
+    data_dir = os.path.join(root, params["data_root"], params["dataset_id"])
+    return result if is_current(result, path, params, data_dir) else None
 
 
-def same_params(result, params):
-    """Whether a result JSON was written with `params` (JSON round trip, VOLATILE_PARAMS ignored)."""
+def is_current(result, result_path, params, data_dir):
+    """Whether a finished result (dict with "test") at result_path belongs to a run of `params` on the
+    data now in data_dir: written with the same parameters (JSON round trip, VOLATILE_PARAMS ignored)
+    and not older than the dataset's last build (`build_info.json`), e.g. a new demo generator version."""
+    if not isinstance(result, dict) or "test" not in result:
+        return False
     old = {k: v for k, v in result.get("params", {}).items() if k not in VOLATILE_PARAMS}
     new = json.loads(json.dumps({k: v for k, v in params.items() if k not in VOLATILE_PARAMS}, default=str))
-    return old == new
+    if old != new:
+        return False
+    build_info = os.path.join(data_dir, "build_info.json")
+    return not (os.path.exists(build_info) and os.path.getmtime(build_info) > os.path.getmtime(result_path))
 
 
 def _write_text_atomic(path, text):

@@ -48,7 +48,7 @@ from .config import DATASET_DEFAULTS, TRAINING_DEFAULTS, load_config, load_datas
 from .data.pipeline import BUILD_KEYS, build_dataset, data_dir_of
 from .errors import ConfigError
 from .results import (DEFAULT_CONTRIBUTOR, find_index_average_items, find_index_metrics, find_index_sparsity,
-                      same_params, write_reports)
+                      is_current, write_reports)
 
 TUNER_FILE_KEYS = ("base_config", "base_expid", "dataset_id", "tuner_space", "model_config", "dataset_config")
 # Keys that cannot be tuned, with the reason given in the error.
@@ -373,12 +373,7 @@ def load_result(plan, combo):
     """
     path = plan.result_path(combo)
     result = _read_json(path)
-    if not isinstance(result, dict) or "test" not in result or not same_params(result, combo.params):
-        return None
-    build_info = os.path.join(data_dir_of(combo.params), "build_info.json")
-    if os.path.exists(build_info) and os.path.getmtime(build_info) > os.path.getmtime(path):
-        return None
-    return result
+    return result if is_current(result, path, combo.params, data_dir_of(combo.params)) else None
 
 
 def _tail(path, lines=20):

@@ -408,18 +408,27 @@ def test_every_tuner_file_of_the_repository_is_valid(tmp_path, monkeypatch):
         pytest.skip("base expid(s) not written yet: " + "; ".join(missing))
 
 
-def test_load_result_if_current_reuses_only_a_result_of_the_same_parameters(tmp_path):
+def test_load_result_if_current_reuses_only_a_result_of_the_same_parameters_and_data(tmp_path):
     from model_zoo.results import load_result_if_current, result_json_path
-    params = {"model_root": "ckpt", "dataset_id": "demo", "model_id": "DSSM_x", "learning_rate": 1.e-3,
-              "metrics": ("Recall(k=50)",), "gpu": -1, "verbose": 1}
-    path = result_json_path(params, str(tmp_path))
-    assert path == os.path.join(str(tmp_path), "ckpt", "demo", "DSSM_x.json")
-    assert load_result_if_current(params, str(tmp_path)) is None                  # nothing written yet
+    root = str(tmp_path)
+    params = {"model_root": "ckpt", "data_root": "data", "dataset_id": "demo", "model_id": "DSSM_x",
+              "learning_rate": 1.e-3, "metrics": ("Recall(k=50)",), "gpu": -1, "verbose": 1}
+    path = result_json_path(params, root)
+    assert path == os.path.join(root, "ckpt", "demo", "DSSM_x.json")
+    assert load_result_if_current(params, root) is None                           # nothing written yet
     os.makedirs(os.path.dirname(path))
     with open(path, "w") as fd:
         json.dump({"params": dict(params, metrics=["Recall(k=50)"], gpu=0, verbose=0), "test": {"x": 1}}, fd)
-    assert load_result_if_current(params, str(tmp_path))["test"] == {"x": 1}     # gpu / verbose are volatile
-    assert load_result_if_current(dict(params, learning_rate=3.e-3), str(tmp_path)) is None
+    assert load_result_if_current(params, root)["test"] == {"x": 1}              # gpu / verbose are volatile
+    assert load_result_if_current(dict(params, learning_rate=3.e-3), root) is None
+    info = os.path.join(root, "data", "demo", "build_info.json")
+    os.makedirs(os.path.dirname(info))
+    open(info, "w").close()
+    os.utime(info, (os.path.getmtime(path) - 10,) * 2)                            # data built before the run
+    assert load_result_if_current(params, root)["test"] == {"x": 1}
+    os.utime(info, (os.path.getmtime(path) + 10,) * 2)                            # data rebuilt since
+    assert load_result_if_current(params, root) is None
+    os.utime(info, (os.path.getmtime(path) - 10,) * 2)
     with open(path, "w") as fd:
         fd.write("{not json")
-    assert load_result_if_current(params, str(tmp_path)) is None
+    assert load_result_if_current(params, root) is None
