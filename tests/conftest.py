@@ -35,6 +35,23 @@ def tiny_raw(tmp_path_factory):
     return str(raw)
 
 
+def open_tiny(config, expid, batch_size=None):
+    """Build (or reuse) the data of `expid` and open it: params, data_dir, feature_map, corpus, the
+    training loader (seed 1; batch_size defaults to the expid's) and the valid / test users."""
+    from model_zoo.config import load_config
+    from model_zoo.data.loaders import EvalUsers, ItemCorpus, TrainLoader, load_feature_map
+    from model_zoo.data.pipeline import build_dataset
+    params = load_config(config, expid)
+    data_dir = build_dataset(params)
+    feature_map = load_feature_map(data_dir, params["dataset_id"])
+    corpus = ItemCorpus(os.path.join(data_dir, "item_corpus.h5"), feature_map)
+    train = TrainLoader(os.path.join(data_dir, "train.h5"), feature_map, batch_size or params["batch_size"], seed=1)
+    valid, test = (EvalUsers(os.path.join(data_dir, f"{split}.h5"), feature_map, corpus.num_items)
+                   for split in ("valid", "test"))
+    return {"params": params, "data_dir": data_dir, "feature_map": feature_map, "corpus": corpus,
+            "train": train, "valid": valid, "test": test}
+
+
 def write_config(root, raw_dir, model_entries, dataset_overrides=None):
     """A config folder with dataset `tiny` (csv source over raw_dir) and the given expids."""
     config = os.path.join(root, "config")

@@ -8,30 +8,19 @@ import pytest
 import torch
 
 from model_zoo import get_model
-from model_zoo.config import load_config
-from model_zoo.data.loaders import EvalUsers, ItemCorpus, TrainLoader, load_feature_map
-from model_zoo.data.pipeline import build_dataset
+from model_zoo.data.loaders import EvalUsers
 
-from .conftest import write_config
+from .conftest import open_tiny, write_config
 
 SMALL = {"model": "AllToAllSA", "dataset_id": "tiny", "embedding_dim": 16, "num_layers": 2, "num_heads": 2,
          "hidden_units": [16], "num_negatives": 10, "batch_size": 32}
-
-
-def _load(config, expid):
-    params = load_config(config, expid)
-    data_dir = build_dataset(params)
-    feature_map = load_feature_map(data_dir, "tiny")
-    corpus = ItemCorpus(os.path.join(data_dir, "item_corpus.h5"), feature_map)
-    train = TrainLoader(os.path.join(data_dir, "train.h5"), feature_map, params["batch_size"], seed=1)
-    return {"params": params, "data_dir": data_dir, "feature_map": feature_map, "corpus": corpus, "train": train}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tiny_raw):
     root = tmp_path_factory.mktemp("all_to_all")
     config = write_config(str(root), tiny_raw, {"A2A_tiny": dict(SMALL)})
-    return _load(config, "A2A_tiny")
+    return open_tiny(config, "A2A_tiny")
 
 
 def _model(tiny, trained_scale=True, **overrides):
@@ -133,7 +122,7 @@ def test_poolings_on_a_dataset_without_user_fields(tmp_path, tiny_raw):
     item_only = [{"name": "category", "type": "categorical", "source": "item"},
                  {"name": "tags", "type": "sequence", "source": "item", "max_len": 4}]
     config = write_config(str(tmp_path), tiny_raw, {"A2A_tiny": dict(SMALL)}, {"feature_cols": item_only})
-    data = _load(config, "A2A_tiny")
+    data = open_tiny(config, "A2A_tiny")
     users = _users(data, 4)
     users["hist_item_id"][0, :-1] = 0                                                   # one history item
     for pooling, seq_len in (("cls", 1 + 10 + 3), ("mean", 10 + 3), ("item", 10 + 3)):

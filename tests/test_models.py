@@ -7,11 +7,9 @@ import torch
 
 from model_zoo import MODELS, get_model
 from model_zoo.config import load_config
-from model_zoo.data.loaders import EvalUsers, ItemCorpus, TrainLoader, load_feature_map
-from model_zoo.data.pipeline import build_dataset
 from model_zoo.retrieval.faiss_index import FaissRetriever
 
-from .conftest import write_config
+from .conftest import open_tiny, write_config
 
 REPO_CONFIG = os.path.join(os.path.dirname(__file__), "..", "config")
 SHRINK = {"embedding_dim": 16, "hidden_units": [16], "user_hidden_units": [16], "item_hidden_units": [16],
@@ -26,16 +24,11 @@ def _tiny_model(tmp_path, tiny_raw, name, **overrides):
     keep["dataset_id"] = "tiny"
     keep.update(overrides)
     config = write_config(str(tmp_path), tiny_raw, {"X_tiny": keep})
-    params = load_config(config, "X_tiny")
-    data_dir = build_dataset(params)
-    feature_map = load_feature_map(data_dir, "tiny")
-    corpus = ItemCorpus(os.path.join(data_dir, "item_corpus.h5"), feature_map)
-    train = TrainLoader(os.path.join(data_dir, "train.h5"), feature_map, params["batch_size"], seed=1)
+    data = open_tiny(config, "X_tiny")
     torch.manual_seed(0)
-    model = get_model(name)(feature_map, **params)
-    model.set_item_corpus(corpus, train.item_counts(corpus.num_items))
-    valid = EvalUsers(os.path.join(data_dir, "valid.h5"), feature_map, corpus.num_items)
-    return model, train, valid
+    model = get_model(name)(data["feature_map"], **data["params"])
+    model.set_item_corpus(data["corpus"], data["train"].item_counts(data["corpus"].num_items))
+    return model, data["train"], data["valid"]
 
 
 def _own_keys(name):

@@ -10,14 +10,13 @@ from model_zoo import get_model
 from model_zoo.config import load_config
 from model_zoo.data.feature_processor import HISTORY_FEATURE
 from model_zoo.data.h5 import read_h5
-from model_zoo.data.loaders import EvalUsers, ItemCorpus, TrainLoader, load_feature_map
-from model_zoo.data.pipeline import build_dataset, make_examples
+from model_zoo.data.pipeline import make_examples
 from model_zoo.errors import ConfigError
 from model_zoo.layers.sequence_encoders import GRUEncoder
 from model_zoo.layers.towers import FieldMLPTower, SequenceUserTower
 from model_zoo.retrieval.faiss_index import FaissRetriever
 
-from .conftest import write_config
+from .conftest import open_tiny, write_config
 
 SEQUENTIAL = ("GRU4Rec", "SASRec")
 MAX_LEN = 10
@@ -32,14 +31,7 @@ def tiny(tmp_path_factory, tiny_raw):
     entries["SASRec_tiny"].update(num_layers=2, num_heads=2)
     entries["DSSM_tiny"] = {"model": "DSSM", "dataset_id": "tiny", **SMALL}
     config = write_config(str(root), tiny_raw, entries, {"max_len": MAX_LEN, "min_history": 2})
-    params = load_config(config, "GRU4Rec_tiny")
-    data_dir = build_dataset(params)
-    feature_map = load_feature_map(data_dir, "tiny")
-    corpus = ItemCorpus(os.path.join(data_dir, "item_corpus.h5"), feature_map)
-    train = TrainLoader(os.path.join(data_dir, "train.h5"), feature_map, 32, seed=1)
-    valid = EvalUsers(os.path.join(data_dir, "valid.h5"), feature_map, corpus.num_items)
-    return {"config": config, "data_dir": data_dir, "feature_map": feature_map, "corpus": corpus,
-            "train": train, "valid": valid, "raw": tiny_raw}
+    return dict(open_tiny(config, "GRU4Rec_tiny", batch_size=32), config=config, raw=tiny_raw)
 
 
 def _model(tiny, name, trained_scale=True, **overrides):

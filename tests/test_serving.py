@@ -8,8 +8,7 @@ import torch
 
 from model_zoo import get_model
 from model_zoo.config import load_config
-from model_zoo.data.loaders import EvalUsers, ItemCorpus, TrainLoader, load_feature_map
-from model_zoo.data.pipeline import build_dataset
+from model_zoo.data.loaders import TrainLoader
 from model_zoo.experiment import run_experiment, serve_experiment
 from model_zoo.models.dssm import DSSM
 from model_zoo.models.sparcode import SparCode
@@ -17,7 +16,7 @@ from model_zoo.retrieval import serving
 from model_zoo.retrieval.exact import masked_topk
 from model_zoo.retrieval.sparse_index import SparseIndexFileError, SparseIndexMismatchError
 
-from .conftest import write_config
+from .conftest import open_tiny, write_config
 
 SMALL_SPARCODE = {"embedding_dim": 8, "token_dim": 8, "num_query_tokens": 2, "num_item_tokens": 2,
                   "num_codebooks": 2, "codebook_size": 8, "hidden_units": [8], "tokenizer_hidden_units": [16],
@@ -33,11 +32,9 @@ def tiny(tmp_path_factory, tiny_raw):
     entries = {"SparCode_tiny": {"model": "SparCode", "dataset_id": "tiny", **SMALL_SPARCODE},
                "DSSM_tiny": {"model": "DSSM", "dataset_id": "tiny", **SMALL_DSSM}}
     config = write_config(str(root), tiny_raw, entries)
-    data_dir = build_dataset(load_config(config, "SparCode_tiny"))
-    feature_map = load_feature_map(data_dir, "tiny")
-    corpus = ItemCorpus(os.path.join(data_dir, "item_corpus.h5"), feature_map)
-    train = TrainLoader(os.path.join(data_dir, "train.h5"), feature_map, 64, seed=1)
-    test = EvalUsers(os.path.join(data_dir, "test.h5"), feature_map, corpus.num_items)
+    data = open_tiny(config, "SparCode_tiny", batch_size=64)
+    data_dir, feature_map, corpus, train, test = (data[k] for k in ("data_dir", "feature_map", "corpus", "train",
+                                                                    "test"))
     models = {}
     for name, cls in (("SparCode_tiny", SparCode), ("DSSM_tiny", DSSM)):
         torch.manual_seed(0)

@@ -7,15 +7,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from model_zoo.config import load_config
-from model_zoo.data.loaders import EvalUsers, ItemCorpus, TrainLoader, load_feature_map
-from model_zoo.data.pipeline import build_dataset
 from model_zoo.experiment import run_experiment
 from model_zoo.layers.interaction import INTERACTIONS
 from model_zoo.models import sparcode as sparcode_module
 from model_zoo.models.sparcode import SparCode
 
-from .conftest import write_config
+from .conftest import open_tiny, write_config
 
 REPO_CONFIG = os.path.join(os.path.dirname(__file__), "..", "config")
 SMALL = {"embedding_dim": 8, "token_dim": 8, "num_query_tokens": 2, "num_item_tokens": 2, "num_codebooks": 2,
@@ -27,14 +24,7 @@ def tiny(tmp_path_factory, tiny_raw):
     root = tmp_path_factory.mktemp("sparcode")
     config = write_config(str(root), tiny_raw, {"SparCode_tiny": {"model": "SparCode", "dataset_id": "tiny",
                                                                   **SMALL}})
-    params = load_config(config, "SparCode_tiny")
-    data_dir = build_dataset(params)
-    feature_map = load_feature_map(data_dir, "tiny")
-    corpus = ItemCorpus(os.path.join(data_dir, "item_corpus.h5"), feature_map)
-    train = TrainLoader(os.path.join(data_dir, "train.h5"), feature_map, 32, seed=1)
-    valid = EvalUsers(os.path.join(data_dir, "valid.h5"), feature_map, corpus.num_items)
-    return {"config": config, "root": str(root), "params": params, "feature_map": feature_map, "corpus": corpus,
-            "train": train, "valid": valid}
+    return dict(open_tiny(config, "SparCode_tiny", batch_size=32), config=config, root=str(root))
 
 
 def _model(tiny, seed=0, **overrides):
