@@ -15,9 +15,9 @@ def _scorer(interaction, **kwargs):
                              hidden_units=[16, 8], dropout=0.0, **kwargs)
 
 
-@pytest.mark.parametrize("interaction", INTERACTIONS)
-def test_interaction_forward_backward_broadcast(interaction):
-    scorer = _scorer(interaction)
+@pytest.mark.parametrize("interaction,linear_skip", [(name, False) for name in INTERACTIONS] + [("innerp_dnn", True)])
+def test_interaction_forward_backward_broadcast(interaction, linear_skip):
+    scorer = _scorer(interaction, linear_skip=linear_skip)
     query = torch.randn(B, 1, K_U, D, requires_grad=True)
     items = torch.randn(B, C, 1, K_C, D, requires_grad=True)
     scores = scorer(query, items)
@@ -66,6 +66,22 @@ def test_innerp_dnn_uses_elementwise_products():
     assert torch.allclose(scorer(query, items), expected)
 
 
+def test_linear_skip_adds_a_weighted_dot_product_that_starts_as_dot():
+    scorer = _scorer("innerp_dnn", linear_skip=True)
+    query, items = torch.randn(6, D), torch.randn(6, K_C, D)
+    products = (query.unsqueeze(1) * items).flatten(1)                              # [6, K_C * D]
+    mlp_part = scorer.mlp(products).squeeze(-1)
+    dot = (query * items.sum(1)).sum(-1)
+    assert torch.allclose(scorer(query, items), mlp_part + dot, atol=1e-5)          # w = 1 at construction
+    weights = torch.randn(1, K_C * D)
+    with torch.no_grad():
+        scorer.linear_skip.weight.copy_(weights)
+    assert torch.allclose(scorer(query, items), mlp_part + products @ weights[0], atol=1e-5)
+    scorer.linear_skip.weight.data.zero_()
+    scorer.init_weights()                                                           # what reset_parameters calls
+    assert torch.equal(scorer.linear_skip.weight, torch.ones(1, K_C * D))
+
+
 def test_stop_gradient_query_flag():
     query = torch.randn(4, D, requires_grad=True)
     items = torch.randn(4, K_C, D, requires_grad=True)
@@ -79,6 +95,7 @@ def test_stop_gradient_query_flag():
     (dict(interaction="mlp"), "interaction='mlp'"),
     (dict(activation="NoSuchAct"), "unknown activation 'NoSuchAct'"),
     (dict(hidden_units=[16, 0]), "hidden_units must be positive ints"),
+    (dict(interaction="dot", linear_skip=True), "linear_skip=True needs interaction='innerp_dnn'"),
 ])
 def test_interaction_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):

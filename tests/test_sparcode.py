@@ -183,7 +183,10 @@ def test_epoch_stats_count_codes_of_the_epoch(tiny):
     ("dnn", "senet", "dot"), ("gru", "linear", "maxsim"), ("gru", "senet", "crossnet"),
     ("sa", "linear", "dnn"), ("sa", "senet", "innerp_dnn")])
 def test_variants_train_and_evaluate(tiny, tokenizer, token_heads, interaction):
-    model = _model(tiny, tokenizer=tokenizer, token_heads=token_heads, interaction=interaction, num_layers=1)
+    item_hidden_units = [16] if tokenizer == "sa" else []
+    model = _model(tiny, tokenizer=tokenizer, token_heads=token_heads, interaction=interaction, num_layers=1,
+                   item_hidden_units=item_hidden_units, scorer_linear_skip=interaction == "innerp_dnn")
+    assert isinstance(model.item_encoder, torch.nn.Identity) == (not item_hidden_units)
     model.train()
     batch, positives = _batch(tiny)
     loss = model.sampled_softmax_loss(batch, positives)
@@ -217,6 +220,12 @@ def test_same_seed_same_result(tiny, tmp_path, monkeypatch):
 def test_invalid_hyperparameters_raise_naming_them(tiny, key, value, allowed):
     with pytest.raises(ValueError, match=f"{key}={value!r}.*{allowed}"):
         _model(tiny, **{key: value})
+
+
+@pytest.mark.parametrize("value", [[0], [8, "16"], [True]])
+def test_item_hidden_units_must_be_positive_ints(tiny, value):
+    with pytest.raises(ValueError, match="item_hidden_units=.*positive ints"):
+        _model(tiny, item_hidden_units=value)
 
 
 def test_token_dim_must_split_into_codebooks(tiny):

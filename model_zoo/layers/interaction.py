@@ -62,6 +62,10 @@ class InteractionScorer(nn.Module):
         crossnet_layers: number of cross layers for "crossnet" (paper: 3).
         stop_gradient_query: detach the query token before scoring (see module docstring).
             Default False.
+        linear_skip: "innerp_dnn" only: add a learned linear map of the products to the MLP's output,
+            S = MLP(x) + w^T x with x = [q * T_1; ...; q * T_Kc] (a weighted dot product, as the wide
+            part of Wide & Deep). w starts at 1, so the score starts as "dot" plus the MLP, and the MLP adds
+            the non-linear interactions on top. Default False (Eq. 9 as written).
     """
 
     def __init__(self,
@@ -72,7 +76,8 @@ class InteractionScorer(nn.Module):
                  activation="ReLU",
                  dropout=0.0,
                  crossnet_layers=3,
-                 stop_gradient_query=False):
+                 stop_gradient_query=False,
+                 linear_skip=False):
         super().__init__()
         if interaction not in INTERACTIONS:
             raise ValueError(f"InteractionScorer: interaction={interaction!r}, expected one of {INTERACTIONS}")
@@ -90,6 +95,10 @@ class InteractionScorer(nn.Module):
         self.num_item_tokens = num_item_tokens
         self.interaction = interaction
         self.stop_gradient_query = bool(stop_gradient_query)
+        if linear_skip and interaction != "innerp_dnn":
+            raise ValueError(f"InteractionScorer: linear_skip=True needs interaction='innerp_dnn', "
+                             f"got interaction={interaction!r}")
+        self.linear_skip = nn.Linear(num_item_tokens * token_dim, 1, bias=False) if linear_skip else None
 
         items_dim = num_item_tokens * token_dim
         if interaction == "innerp_dnn":
@@ -110,6 +119,13 @@ class InteractionScorer(nn.Module):
         elif interaction == "crossnet":
             self.crossnet = CrossNet(token_dim + items_dim, crossnet_layers)
             self.output_layer = nn.Linear(token_dim + items_dim, 1)
+        self.init_weights()
+
+    def init_weights(self):
+        """w = 1 for the linear skip (also called by FuxiCTR's reset_parameters after its Xavier init)."""
+        if self.linear_skip is not None:
+            with torch.no_grad():
+                self.linear_skip.weight.fill_(1.0)
 
     def forward(self, query, items):
         """query [..., D], items [..., K_c, D] (leading axes broadcastable) -> score [...]."""
@@ -126,8 +142,11 @@ class InteractionScorer(nn.Module):
         if self.interaction == "maxsim":
             return (query.unsqueeze(-2) * items).sum(dim=-1).amax(dim=-1)
         if self.interaction == "innerp_dnn":
-            products = query.unsqueeze(-2) * items                                     # [..., K_c, D]
-            return self.mlp(products.flatten(-2)).squeeze(-1)
+            products = (query.unsqueeze(-2) * items).flatten(-2)                       # [..., K_c * D]
+            score = self.mlp(products)                                                 # [..., 1]
+            if self.linear_skip is not None:
+                score = score + self.linear_skip(products)
+            return score.squeeze(-1)
         items_flat = items.flatten(-2)                                                 # [..., K_c * D]
         if self.interaction == "dnn":
             hidden = self.query_proj(query) + self.items_proj(items_flat)             # [..., H_1]
@@ -139,4 +158,5 @@ class InteractionScorer(nn.Module):
 
     def extra_repr(self):
         return (f"interaction={self.interaction!r}, token_dim={self.token_dim}, "
-                f"num_item_tokens={self.num_item_tokens}, stop_gradient_query={self.stop_gradient_query}")
+                f"num_item_tokens={self.num_item_tokens}, stop_gradient_query={self.stop_gradient_query}, "
+                f"linear_skip={self.linear_skip is not None}")

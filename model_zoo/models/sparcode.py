@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 from torch import nn
+from fuxictr.pytorch.layers import MLP_Block
 
 from ..base import MatchModel
 from ..data.feature_processor import HISTORY_FEATURE
@@ -49,8 +50,12 @@ class SparCode(MatchModel):
             quantizes from the first step as in the paper.
         interaction: scorer, "dot" | "maxsim" | "crossnet" | "dnn" | "innerp_dnn" (default, Eq. 9).
         hidden_units: MLP of the "dnn" / "innerp_dnn" scorer. Default [256, 256, 256] (paper).
+        scorer_linear_skip: "innerp_dnn" only: add a weighted dot product (a linear map of the products) to
+            the scorer MLP's output (layers/interaction.py). Default False (Eq. 9 as written).
         tokenizer_hidden_units: MLP of the tokenizer. Default [256].
-        hidden_activations: activation of both MLPs. Default "ReLU".
+        item_hidden_units: MLP over the item field embeddings before the K_c linear item heads (the item
+            encoder E_2 of Eq. 3). Default [] (the heads read the field embeddings directly).
+        hidden_activations: activation of the tokenizer, item encoder and scorer MLPs. Default "ReLU".
         sparse_bias_init: initial b of Eq. 10. Positive so that relu(S + b) starts in its linear part: at
             initialisation S is about 0 for every pair, and with b = 0 half the pairs would start at the
             kink and sampled softmax can push b down until every score is 0 (no gradient left). While every
@@ -67,8 +72,9 @@ class SparCode(MatchModel):
                  num_query_tokens=2, num_item_tokens=2, token_dim=None, num_codebooks=2, codebook_size=256,
                  codebook_decay=0.99, commitment_weight=0.25, quantizer_grad="straight_through",
                  dead_code_threshold=1e-2, kmeans_init=True, quantizer_warmup_steps=0, interaction="innerp_dnn",
-                 hidden_units=(256, 256, 256), tokenizer_hidden_units=(256,), hidden_activations="ReLU",
-                 sparse_bias_init=1.0, net_dropout=0.1, num_layers=2, num_heads=1, normalize_tokens=True, **kwargs):
+                 scorer_linear_skip=False, hidden_units=(256, 256, 256), tokenizer_hidden_units=(256,),
+                 item_hidden_units=(), hidden_activations="ReLU", sparse_bias_init=1.0, net_dropout=0.1, num_layers=2,
+                 num_heads=1, normalize_tokens=True, **kwargs):
         super().__init__(feature_map, model_id=model_id, **kwargs)
         for name, value, allowed in (("tokenizer", tokenizer, TOKENIZERS), ("token_heads", token_heads, HEAD_TYPES),
                                      ("interaction", interaction, INTERACTIONS),
@@ -94,12 +100,19 @@ class SparCode(MatchModel):
                                        num_query_tokens, token_dim, token_heads, tokenizer_hidden_units,
                                        hidden_activations, net_dropout, history_len, num_layers, num_heads,
                                        normalize_tokens)
-        self.item_heads = TokenHeads(self.embedding.num_fields("item") * embedding_dim, num_item_tokens, token_dim)
+        item_input_dim = self.embedding.num_fields("item") * embedding_dim
+        item_hidden_units = list(item_hidden_units or ())
+        if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in item_hidden_units):
+            raise ValueError(f"SparCode: item_hidden_units={item_hidden_units!r}; expected a list of positive ints")
+        self.item_encoder = MLP_Block(item_input_dim, item_hidden_units, hidden_activations, output_dim=None,
+                                      dropout_rates=net_dropout) if item_hidden_units else nn.Identity()
+        self.item_heads = TokenHeads(item_hidden_units[-1] if item_hidden_units else item_input_dim,
+                                     num_item_tokens, token_dim)
         self.quantizer = ProductQuantizer(token_dim, num_codebooks, codebook_size, decay=codebook_decay,
                                           commitment_weight=commitment_weight, gradient_mode=quantizer_grad,
                                           dead_code_threshold=dead_code_threshold, kmeans_init=kmeans_init)
         self.scorer = InteractionScorer(token_dim, num_item_tokens, interaction, hidden_units, hidden_activations,
-                                        dropout=net_dropout)
+                                        dropout=net_dropout, linear_skip=scorer_linear_skip)
         self.bias = nn.Parameter(torch.tensor(float(sparse_bias_init)))    # b of Eq. 10
         self.pair_width = (num_item_tokens + 1) * token_dim + sum(hidden_units or ())
         if isinstance(quantizer_warmup_steps, bool) or not isinstance(quantizer_warmup_steps, int) \
@@ -145,7 +158,8 @@ class SparCode(MatchModel):
         return quantized, keys
 
     def encode_items(self, inputs):
-        return self.item_heads(self.embedding.fields(inputs, "item").flatten(1))           # [C, K_c, D_T]
+        encoded = self.item_encoder(self.embedding.fields(inputs, "item").flatten(1))      # [C, H_item]
+        return self.item_heads(encoded)                                                     # [C, K_c, D_T]
 
     # ---- scores ---------------------------------------------------------------------
     def _sparse_sum(self, scores):
