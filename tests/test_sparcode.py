@@ -222,7 +222,7 @@ def test_invalid_hyperparameters_raise_naming_them(tiny, key, value, allowed):
         _model(tiny, **{key: value})
 
 
-@pytest.mark.parametrize("value", [[0], [8, "16"], [True]])
+@pytest.mark.parametrize("value", [[0], [8, "16"], [True], 256])
 def test_item_hidden_units_must_be_positive_ints(tiny, value):
     with pytest.raises(ValueError, match="item_hidden_units=.*positive ints"):
         _model(tiny, item_hidden_units=value)
