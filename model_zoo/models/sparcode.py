@@ -101,11 +101,10 @@ class SparCode(MatchModel):
                                        hidden_activations, net_dropout, history_len, num_layers, num_heads,
                                        normalize_tokens)
         item_input_dim = self.embedding.num_fields("item") * embedding_dim
-        if item_hidden_units is not None and not isinstance(item_hidden_units, (list, tuple)):
+        if not isinstance(item_hidden_units, (list, tuple)) or any(
+                isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in item_hidden_units):
             raise ValueError(f"SparCode: item_hidden_units={item_hidden_units!r}; expected a list of positive ints")
-        item_hidden_units = list(item_hidden_units or ())
-        if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in item_hidden_units):
-            raise ValueError(f"SparCode: item_hidden_units={item_hidden_units!r}; expected a list of positive ints")
+        item_hidden_units = list(item_hidden_units)
         self.item_encoder = MLP_Block(item_input_dim, item_hidden_units, hidden_activations, output_dim=None,
                                       dropout_rates=net_dropout) if item_hidden_units else nn.Identity()
         self.item_heads = TokenHeads(item_hidden_units[-1] if item_hidden_units else item_input_dim,
