@@ -26,6 +26,7 @@ from fuxictr.pytorch.torch_utils import get_optimizer
 from tqdm import tqdm
 
 from .config import DATASET_DEFAULTS, TRAINING_DEFAULTS
+from .layers.field_embedding import HISTORY_MODES, FieldEmbedding
 from .data.samplers import NegativeSampler
 from .retrieval.exact import masked_topk
 from .retrieval.metrics import format_metrics, parse_metric_name, topk_metrics
@@ -54,6 +55,9 @@ class MatchModel(BaseModel):
         sampler_alpha: exponent of popularity sampling.
         embedding_init_std: standard deviation of the normal initialiser of the feature embeddings
             (FuxiCTR's default 1e-4; matching losses on dot products often train faster from ~1e-2).
+        history_features: "id" (default) embeds a history position by the item id embedding; "item" by
+            the mean of that item's field embeddings (id, category, tags...), as the item side sees it
+            (layers/field_embedding.py).
         embedding_regularizer: L2 weight on FuxiCTR feature embeddings (0 = off).
         net_regularizer: L2 weight on the other parameters (0 = off).
         metrics: metric names like `Recall(k=20)` computed at evaluation.
@@ -77,7 +81,7 @@ class MatchModel(BaseModel):
 
     def __init__(self, feature_map, model_id="MatchModel", gpu=-1, learning_rate=1.e-3, optimizer="adam",
                  temperature=1.0, num_negatives=100, negative_sampler="uniform", sampler_alpha=0.75,
-                 embedding_init_std=1.e-4, embedding_regularizer=0.0, net_regularizer=0.0,
+                 embedding_init_std=1.e-4, history_features="id", embedding_regularizer=0.0, net_regularizer=0.0,
                  metrics=TRAINING_DEFAULTS["metrics"],
                  monitor="Recall(k=20)", monitor_mode="max", early_stop_patience=2, epochs=10,
                  max_steps_per_epoch=None, eval_batch_size=512, model_root="./checkpoints/", seed=2023,
@@ -93,6 +97,8 @@ class MatchModel(BaseModel):
         if isinstance(embedding_init_std, bool) or not isinstance(embedding_init_std, (int, float)) \
                 or not embedding_init_std > 0:
             raise ValueError(f"embedding_init_std={embedding_init_std!r}; expected a number > 0")
+        if history_features not in HISTORY_MODES:
+            raise ValueError(f"history_features={history_features!r}; expected one of {list(HISTORY_MODES)}")
         self.metric_names = list(metrics)
         parsed = [parse_metric_name(m) for m in self.metric_names]
         if monitor not in self.metric_names:
@@ -110,6 +116,7 @@ class MatchModel(BaseModel):
         self.num_negatives, self.negative_sampler, self.sampler_alpha = num_negatives, negative_sampler, sampler_alpha
         self.eval_batch_size, self.seed = eval_batch_size, seed
         self.embedding_init_std = float(embedding_init_std)
+        self.history_features = history_features
         self.precision_denominator = kwargs.get("precision_denominator", "k")
         self.item_corpus, self.sampler, self.history = None, None, []
 
@@ -139,6 +146,9 @@ class MatchModel(BaseModel):
     def set_item_corpus(self, corpus, item_counts=None):
         """Attach the item corpus (and training counts for popularity-based sampling)."""
         self.item_corpus = corpus
+        for module in self.modules():
+            if isinstance(module, FieldEmbedding):     # history_features="item" reads item features
+                module.item_source = self.items
         if self.trainable:
             self.sampler = NegativeSampler(self.negative_sampler, corpus.num_items, self.num_negatives,
                                            item_counts, self.sampler_alpha, self.seed)

@@ -59,6 +59,7 @@ TRAINING_DEFAULTS = {
     "sampler_alpha": 0.75,
     "embedding_dim": 64,
     "embedding_init_std": 1.e-4,
+    "history_features": "id",       # "item": a history position = mean of the item's field embeddings
     "embedding_regularizer": 0.0,
     "net_regularizer": 0.0,
     "metrics": ("Recall(k=20)", "Recall(k=50)", "NDCG(k=20)", "NDCG(k=50)",

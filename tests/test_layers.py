@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from model_zoo.layers import (INTERACTIONS, GRUEncoder, InteractionScorer, SelfAttentionEncoder,
+from model_zoo.layers import (INTERACTIONS, GRUEncoder, InteractionScorer, InterestHeads, SelfAttentionEncoder,
                               TokenHeads)
 
 B, C, K_U, K_C, D = 3, 4, 2, 3, 8
@@ -227,6 +227,33 @@ def test_senet_token_heads_reweight_fields_per_token():
     first_weights = heads.excitations[0].excitation(fields.mean(-1))
     second_weights = heads.excitations[1].excitation(fields.mean(-1))
     assert first_weights.shape == (5, 6) and not torch.allclose(first_weights, second_weights)
+
+
+def test_interest_heads_attend_over_valid_slots_by_content():
+    torch.manual_seed(7)
+    heads = InterestHeads(input_dim=4, summary_dim=3, num_tokens=3, token_dim=D)
+    slots, summary = torch.randn(4, 5, 4), torch.randn(4, 3)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    weights = heads.attention(slots, mask)                                            # [B, K, L]
+    assert torch.allclose(weights.sum(-1), mask.any(1, keepdim=True).float().expand(4, 3))
+    assert (weights[~mask.unsqueeze(1).expand_as(weights)] == 0).all()               # padding gets no weight
+    assert not torch.allclose(weights[0, 0], weights[0, 1])                          # tokens attend differently
+    tokens = heads(slots, mask, summary)
+    assert tokens.shape == (4, 3, D) and torch.isfinite(tokens).all()
+    # What sits in a padding slot does not matter; a user without history gets the summary part alone.
+    changed = slots.clone()
+    changed[~mask] = 100.0
+    assert torch.allclose(heads(changed, mask, summary), tokens)
+    assert torch.allclose(tokens[3], heads.summary_heads(summary[3]).view(3, D))
+    # Content, not position: permuting the valid slots permutes nothing in the tokens.
+    order = torch.tensor([4, 2, 0, 3, 1])
+    assert torch.allclose(heads(slots[:1, order], mask[:1], summary[:1]), tokens[:1], atol=1e-6)
+    tokens.square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in heads.parameters())
+    with pytest.raises(ValueError, match=r"expected \[B, L, 4\] and \[B, L\]"):
+        heads(slots, mask[:, :3], summary)
+    with pytest.raises(ValueError, match="num_tokens must be a positive int"):
+        InterestHeads(num_tokens=0)
 
 
 @pytest.mark.parametrize("kwargs, message", [

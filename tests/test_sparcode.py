@@ -181,7 +181,8 @@ def test_epoch_stats_count_codes_of_the_epoch(tiny):
 
 @pytest.mark.parametrize("tokenizer,token_heads,interaction", [
     ("dnn", "senet", "dot"), ("gru", "linear", "maxsim"), ("gru", "senet", "crossnet"),
-    ("sa", "linear", "dnn"), ("sa", "senet", "innerp_dnn")])
+    ("sa", "linear", "dnn"), ("sa", "senet", "innerp_dnn"), ("dnn", "attention", "innerp_dnn"),
+    ("gru", "attention", "dot")])
 def test_variants_train_and_evaluate(tiny, tokenizer, token_heads, interaction):
     item_hidden_units = [16] if tokenizer == "sa" else []
     model = _model(tiny, tokenizer=tokenizer, token_heads=token_heads, interaction=interaction, num_layers=1,
@@ -193,8 +194,9 @@ def test_variants_train_and_evaluate(tiny, tokenizer, token_heads, interaction):
     loss.backward()
     for name, param in model.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
-    assert float(model.tokenizer.heads.heads[0].weight.grad.abs().sum() if token_heads == "senet"
-                 else model.tokenizer.heads.heads.weight.grad.abs().sum()) > 0
+    head_weight = {"senet": lambda h: h.heads[0].weight, "linear": lambda h: h.heads.weight,
+                   "attention": lambda h: h.queries}[token_heads](model.tokenizer.heads)
+    assert float(head_weight.grad.abs().sum()) > 0
     metrics = model.evaluate(tiny["valid"])
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
 
@@ -250,7 +252,7 @@ def test_every_repo_sparcode_expid_builds(tiny):
 
 
 @pytest.mark.parametrize("kind", ["dnn", "gru", "sa"])
-@pytest.mark.parametrize("heads", ["linear", "senet"])
+@pytest.mark.parametrize("heads", ["linear", "senet", "attention"])
 def test_user_tokenizer_shapes_and_normalisation(kind, heads):
     from model_zoo.layers.tokenizers import UserTokenizer
     torch.manual_seed(0)
@@ -265,8 +267,9 @@ def test_user_tokenizer_shapes_and_normalisation(kind, heads):
     assert torch.allclose(tokens.var(-1, unbiased=False), torch.ones(7, 4), atol=1e-2)
     assert not torch.equal(tokens[0], tokens[1])                                    # users differ
     raw = UserTokenizer(kind, 8, 3, 4, 6, heads, [16], history_len=5, num_layers=1, normalize_tokens=False)
-    assert raw(fields, history, mask).abs().max() < 1.0
-    if kind != "dnn":
+    raw_tokens = raw(fields, history, mask)
+    assert (raw_tokens.var(-1, unbiased=False) - 1).abs().max() > 0.1                # not normalised
+    if kind != "dnn" or heads == "attention":
         with pytest.raises(ValueError, match="needs the history"):
             tokenizer(fields)
 
@@ -307,3 +310,34 @@ def test_quantizer_warmup_feeds_tokens_then_codewords(tiny, mode):
     assert torch.equal(quantized, model.code_vectors(keys))
     with pytest.raises(ValueError, match="quantizer_warmup_steps=-1"):
         _model(tiny, quantizer_warmup_steps=-1)
+
+
+def test_history_features_item_embeds_history_through_item_fields(tiny):
+    from model_zoo.data.feature_processor import HISTORY_FEATURE
+    from model_zoo.layers.field_embedding import FieldEmbedding
+    model = _model(tiny, history_features="item", token_heads="attention")
+    batch, _ = _batch(tiny)
+    history, mask = model.embedding.sequence(batch)                                 # [B, L, D], [B, L]
+    ids = batch[HISTORY_FEATURE]
+    assert torch.equal(mask, ids != 0) and mask.any() and (~mask).any()
+    row, col = [int(i) for i in mask.nonzero()[0]]
+    item_fields = model.embedding.fields(model.items(ids[row, col:col + 1] - 1), "item")  # [1, F_i, D]
+    assert item_fields.shape[1] > 1                                                  # id plus item features
+    assert torch.allclose(history[row, col], item_fields.mean(1)[0])
+    assert (history[~mask] == 0).all()
+    # The pooled history field of the dnn tokenizer is the mean over the valid positions.
+    names = model.embedding.field_names("user")
+    pooled = model.embedding.fields(batch, "user")[:, names.index(HISTORY_FEATURE)]  # [B, D]
+    expected = history.sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+    assert torch.allclose(pooled, expected, atol=1e-6)
+    # The user side now trains the item features' embeddings (not only the shared id table).
+    model.user_tokens(batch).square().sum().backward()
+    item_only = [n for n in model.embedding.field_names("item") if n != "item_id"]
+    grads = [model.embedding.embeddings.embedding_layers[n].weight.grad for n in item_only]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    # Without an item corpus the history cannot be embedded; an unknown mode names the key.
+    bare = FieldEmbedding(tiny["feature_map"], 8, history_features="item")
+    with pytest.raises(RuntimeError, match="needs the item corpus"):
+        bare.sequence(batch)
+    with pytest.raises(ValueError, match="history_features='tags'"):
+        _model(tiny, history_features="tags")

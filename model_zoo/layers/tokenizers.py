@@ -16,6 +16,9 @@ Token heads (``layers.token_heads.TokenHeads``):
   its own linear head. The slots are the field embeddings (dnn) or the encoder outputs at every
   history position plus the profile fields (gru / sa), and in both cases f projected to D as one
   more slot. So different tokens can weigh different fields / history positions (different interests).
+- ``attention``: multi-interest attention (``InterestHeads``): every token pools the history with its own
+  content-based attention (the raw history item embeddings for dnn, the encoder outputs for gru / sa;
+  padding masked) and adds a linear map of f. Needs the history for every tokenizer, dnn included.
 
 ``normalize_tokens``: every token is layer-normalised (no affine parameters) before it leaves the
 tokenizer, so tokens keep a fixed scale (norm sqrt(D_T)) while they are quantized. Without it,
@@ -29,7 +32,7 @@ from torch.nn import functional as F
 from fuxictr.pytorch.layers import MLP_Block
 
 from .sequence_encoders import GRUEncoder, SelfAttentionEncoder
-from .token_heads import HEAD_TYPES, TokenHeads
+from .token_heads import HEAD_TYPES, InterestHeads, TokenHeads
 
 TOKENIZERS = ("dnn", "gru", "sa")
 
@@ -44,7 +47,7 @@ class UserTokenizer(nn.Module):
             the profile fields without the history for "gru" / "sa"; may be 0 for those).
         num_tokens: K_u, tokens produced.
         token_dim: D_T, size of every token.
-        token_heads: "linear" (default) | "senet".
+        token_heads: "linear" (default) | "senet" | "attention".
         hidden_units: hidden layers of the MLP that produces f. Empty: f is its input as it is.
         hidden_activations: activation of that MLP. Default "ReLU".
         dropout: dropout of the MLP and of the self-attention encoder. Default 0.0.
@@ -90,6 +93,7 @@ class UserTokenizer(nn.Module):
         self.history_len = history_len
         self.token_dim = token_dim
         self.normalize_tokens = bool(normalize_tokens)
+        self.needs_history = tokenizer != "dnn" or token_heads == "attention"
 
         if tokenizer == "gru":
             self.encoder = GRUEncoder(embedding_dim, embedding_dim)
@@ -102,32 +106,39 @@ class UserTokenizer(nn.Module):
         self.mlp = MLP_Block(mlp_input_dim, hidden_units, hidden_activations, output_dim=None,
                              dropout_rates=dropout) if hidden_units else nn.Identity()
         summary_dim = hidden_units[-1] if hidden_units else mlp_input_dim
+        self.summary_slot = None
         if token_heads == "linear":
-            self.summary_slot = None
             self.heads = TokenHeads(summary_dim, num_tokens, token_dim, "linear")
+        elif token_heads == "attention":
+            self.heads = InterestHeads(embedding_dim, summary_dim, num_tokens, token_dim)
         else:
             num_slots = num_fields + 1 + (history_len if self.encoder is not None else 0)
             self.summary_slot = nn.Linear(summary_dim, embedding_dim)
             self.heads = TokenHeads(embedding_dim, num_tokens, token_dim, "senet", num_fields=num_slots)
 
     def forward(self, fields, history=None, mask=None):
-        """fields [B, F, D]; history [B, L, D] and mask [B, L] for gru / sa -> tokens [B, K_u, D_T]."""
+        """fields [B, F, D]; history [B, L, D] and mask [B, L] (gru / sa / attention heads) -> [B, K_u, D_T]."""
         if fields.dim() != 3 or tuple(fields.shape[1:]) != (self.num_fields, self.embedding_dim):
             raise ValueError(f"UserTokenizer: fields shape {tuple(fields.shape)}, expected "
                              f"[B, {self.num_fields}, {self.embedding_dim}]")
         slots = [fields]                                                               # [B, F, D]
         features = fields.flatten(1)                                                   # [B, F * D]
-        if self.encoder is not None:
-            if history is None:
-                raise ValueError(f"UserTokenizer: tokenizer={self.tokenizer!r} needs the history")
+        if self.needs_history:
+            if history is None or mask is None:
+                raise ValueError(f"UserTokenizer: tokenizer={self.tokenizer!r} with token_heads="
+                                 f"{self.head_type!r} needs the history and its mask")
             if history.shape[1] != self.history_len:
                 raise ValueError(f"UserTokenizer: history length {history.shape[1]}, expected "
                                  f"history_len={self.history_len}")
-            outputs, last = self.encoder(history, mask)                                # [B, L, D], [B, D]
+        sequence = history                                                             # [B, L, D]
+        if self.encoder is not None:
+            sequence, last = self.encoder(history, mask)                               # [B, L, D], [B, D]
             features = torch.cat([last, features], dim=1)                              # [B, D + F * D]
-            slots.insert(0, outputs)
+            slots.insert(0, sequence)
         summary = self.mlp(features)                                                   # [B, H]
-        if self.summary_slot is None:
+        if self.head_type == "attention":
+            tokens = self.heads(sequence, mask, summary)                               # [B, K_u, D_T]
+        elif self.summary_slot is None:
             tokens = self.heads(summary)                                               # [B, K_u, D_T]
         else:
             slots.append(self.summary_slot(summary).unsqueeze(1))                      # [B, 1, D]

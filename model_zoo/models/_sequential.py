@@ -26,7 +26,8 @@ class SequentialTwoTower:
         if HISTORY_FEATURE not in feature_map.features:
             raise ValueError(f"{type(self).__name__} needs the history feature {HISTORY_FEATURE!r}; "
                              f"the feature map has {sorted(feature_map.features)}")
-        self.embedding = FieldEmbedding(feature_map, embedding_dim, self.embedding_init_std)
+        self.embedding = FieldEmbedding(feature_map, embedding_dim, self.embedding_init_std,
+                                        self.history_features)
         self.user_field_names = (self.embedding.field_names("user", exclude=(HISTORY_FEATURE,))
                                  if use_user_features else [])
         self.user_tower = SequenceUserTower(

@@ -63,7 +63,8 @@ class AllToAllSA(MatchModel):
         if not history_len:
             raise ValueError(f"AllToAllSA: the feature map has no max_len for {HISTORY_FEATURE!r}; "
                              f"features are {sorted(feature_map.features)}")
-        self.embedding = FieldEmbedding(feature_map, embedding_dim, self.embedding_init_std)
+        self.embedding = FieldEmbedding(feature_map, embedding_dim, self.embedding_init_std,
+                                        self.history_features)
         self.user_field_names = (self.embedding.field_names("user", exclude=(HISTORY_FEATURE,))
                                  if use_user_features else [])
         self.num_item_fields = self.embedding.num_fields("item")

@@ -32,7 +32,8 @@ class DSSM(MatchModel):
             raise ValueError(f"similarity={similarity!r}; expected 'dot' or 'cosine'")
         self.similarity = similarity
         output_dim = output_dim or embedding_dim
-        self.embedding = FieldEmbedding(feature_map, embedding_dim, self.embedding_init_std)
+        self.embedding = FieldEmbedding(feature_map, embedding_dim, self.embedding_init_std,
+                                        self.history_features)
         self.user_tower = MLP_Block(self.embedding.num_fields("user") * embedding_dim, list(user_hidden_units),
                                     hidden_activations, output_dim, dropout_rates=net_dropout, batch_norm=batch_norm)
         self.item_tower = MLP_Block(self.embedding.num_fields("item") * embedding_dim, list(item_hidden_units),

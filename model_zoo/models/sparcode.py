@@ -33,7 +33,8 @@ class SparCode(MatchModel):
         model_id: experiment id.
         embedding_dim: D, size of the field embeddings.
         tokenizer: user encoder, "dnn" (default) | "gru" | "sa".
-        token_heads: "linear" (default) | "senet", how the K_u user tokens are produced.
+        token_heads: "linear" (default) | "senet" | "attention" (multi-interest attention over the history,
+            layers/token_heads.py), how the K_u user tokens are produced.
         num_query_tokens: K_u, tokens (codes) per user. Default 2.
         num_item_tokens: K_c, tokens per item (linear heads). Default 2.
         token_dim: D_T, token size (default: embedding_dim); divisible by num_codebooks.
@@ -89,10 +90,12 @@ class SparCode(MatchModel):
                 raise ValueError(f"SparCode: {name}={value!r}; expected a positive int")
         if token_dim % num_codebooks:
             raise ValueError(f"SparCode: token_dim={token_dim} must be divisible by num_codebooks={num_codebooks}")
-        self.embedding = FieldEmbedding(feature_map, embedding_dim, self.embedding_init_std)
+        self.embedding = FieldEmbedding(feature_map, embedding_dim, self.embedding_init_std,
+                                        self.history_features)
         self.sequence_tokenizer = tokenizer != "dnn"
-        if self.sequence_tokenizer and HISTORY_FEATURE not in feature_map.features:
-            raise ValueError(f"SparCode: tokenizer={tokenizer!r} needs the history feature {HISTORY_FEATURE!r}")
+        if (self.sequence_tokenizer or token_heads == "attention") and HISTORY_FEATURE not in feature_map.features:
+            raise ValueError(f"SparCode: tokenizer={tokenizer!r} with token_heads={token_heads!r} needs the "
+                             f"history feature {HISTORY_FEATURE!r}")
         exclude = (HISTORY_FEATURE,) if self.sequence_tokenizer else ()
         self.user_exclude = exclude
         history_len = feature_map.features.get(HISTORY_FEATURE, {}).get("max_len", 1)
@@ -133,7 +136,7 @@ class SparCode(MatchModel):
         else:
             fields = torch.zeros(inputs[HISTORY_FEATURE].shape[0], 0, self.embedding.embedding_dim,
                                  device=self.device)
-        if not self.sequence_tokenizer:
+        if not self.tokenizer.needs_history:
             return self.tokenizer(fields)
         history, mask = self.embedding.sequence(inputs)                                     # [B, L, D], [B, L]
         return self.tokenizer(fields, history, mask)
