@@ -68,3 +68,23 @@ def test_float_written_as_string_is_rejected(tiny_config):
 def test_unknown_model_lists_known():
     with pytest.raises(ValueError, match="unknown model 'Foo'.*DSSM"):
         get_model("Foo")
+
+
+def test_readme_configuration_reference_lists_every_key_with_its_default():
+    """Every training key and every model constructor keyword is in the README with its default."""
+    import inspect
+    from model_zoo.base import MatchModel
+    from model_zoo.config import TRAINING_DEFAULTS as training
+    from model_zoo.models import MODELS
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    reference = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    for key, default in training.items():
+        assert f"| `{key}` | `{default!r}` |" in reference, key
+    base_keys = set(inspect.signature(MatchModel.__init__).parameters)
+    for name, cls in MODELS.items():
+        line = next((ln for ln in reference.splitlines() if ln.startswith(f"- **{name}**:")), None)
+        assert line is not None, name
+        for key, param in inspect.signature(cls.__init__).parameters.items():
+            if key in base_keys or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL) or key == "feature_map":
+                continue
+            assert f"`{key}`=`{param.default!r}`" in line, (name, key)
