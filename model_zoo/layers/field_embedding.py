@@ -46,8 +46,9 @@ class FieldEmbedding(nn.Module):
     def fields(self, inputs, source, exclude=()):
         """Field embeddings of one side: [B, F, D]; sequences are mean-pooled over non-padding."""
         names = [n for n in self.field_names(source, exclude) if n in inputs]
-        embedded = self.embeddings({n: inputs[n] for n in names})
-        if self.history_features == "item" and HISTORY_FEATURE in embedded:
+        by_item = self.history_features == "item" and HISTORY_FEATURE in names
+        embedded = self.embeddings({n: inputs[n] for n in names if not (by_item and n == HISTORY_FEATURE)})
+        if by_item:                                                      # no id lookup that would be discarded
             embedded[HISTORY_FEATURE] = self.sequence(inputs)[0]         # [B, L, D], 0 at padding
         out = []
         for name in names:
