@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from model_zoo.layers import (INTERACTIONS, GRUEncoder, InteractionScorer, InterestHeads, SelfAttentionEncoder,
-                              TokenHeads)
+from model_zoo.layers import (INTERACTIONS, GRUEncoder, InteractionScorer, InterestHeads, RecentItemHeads,
+                              SelfAttentionEncoder, TokenHeads)
 
 B, C, K_U, K_C, D = 3, 4, 2, 3, 8
 
@@ -256,9 +256,39 @@ def test_interest_heads_attend_over_valid_slots_by_content():
         InterestHeads(num_tokens=0)
 
 
+def test_recent_item_heads_take_the_latest_valid_slots_newest_first():
+    torch.manual_seed(3)
+    heads = RecentItemHeads(input_dim=4, summary_dim=3, num_tokens=3, token_dim=D)
+    slots, summary = torch.randn(3, 5, 4), torch.randn(3, 3)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)   # left padded
+    tokens = heads(slots, mask, summary)                                              # [B, K, D_T]
+    profile = heads.summary_map(summary)                                              # [B, D_T]
+    expected = [heads.slot_map(slots[0, 4]), heads.slot_map(slots[0, 3]), heads.slot_map(slots[0, 2])]
+    assert torch.allclose(tokens[0], torch.stack(expected) + profile[0], atol=1e-6)
+    # Two valid items: two item tokens, the third is the profile part alone; no history: profile only.
+    assert torch.allclose(tokens[1, 1], heads.slot_map(slots[1, 3]) + profile[1], atol=1e-6)
+    assert torch.allclose(tokens[1, 2], profile[1]) and torch.allclose(tokens[2], profile[2].expand(3, D))
+    # Older slots do not matter; the same item gives the same token at any recency position.
+    changed = slots.clone()
+    changed[:, :2] = 100.0
+    assert torch.allclose(heads(changed, mask, summary), tokens)
+    swapped = slots.clone()
+    swapped[0, [4, 3]] = slots[0, [3, 4]]
+    assert torch.allclose(heads(swapped, mask, summary)[0, [1, 0]], tokens[0, [0, 1]], atol=1e-6)
+    tokens.square().sum().backward()
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in heads.parameters())
+    with pytest.raises(ValueError, match="history length 2 < num_tokens=3"):
+        heads(slots[:, :2], mask[:, :2], summary)
+    with pytest.raises(ValueError, match=r"expected \[B, L, 4\] and \[B, L\]"):
+        heads(slots, mask[:, :3], summary)
+    with pytest.raises(ValueError, match="token_dim must be a positive int"):
+        RecentItemHeads(token_dim=0)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(head_type="senet"), "needs num_fields"),
     (dict(head_type="attention"), "head_type='attention'"),
+    (dict(head_type="recent"), "use RecentItemHeads"),
     (dict(num_tokens=0), "num_tokens must be a positive int"),
 ])
 def test_token_heads_invalid_arguments(kwargs, message):

@@ -182,7 +182,7 @@ def test_epoch_stats_count_codes_of_the_epoch(tiny):
 @pytest.mark.parametrize("tokenizer,token_heads,interaction", [
     ("dnn", "senet", "dot"), ("gru", "linear", "maxsim"), ("gru", "senet", "crossnet"),
     ("sa", "linear", "dnn"), ("sa", "senet", "innerp_dnn"), ("dnn", "attention", "innerp_dnn"),
-    ("gru", "attention", "dot")])
+    ("gru", "attention", "dot"), ("dnn", "recent", "dot"), ("sa", "recent", "innerp_dnn")])
 def test_variants_train_and_evaluate(tiny, tokenizer, token_heads, interaction):
     item_hidden_units = [16] if tokenizer == "sa" else []
     model = _model(tiny, tokenizer=tokenizer, token_heads=token_heads, interaction=interaction, num_layers=1,
@@ -195,7 +195,8 @@ def test_variants_train_and_evaluate(tiny, tokenizer, token_heads, interaction):
     for name, param in model.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
     head_weight = {"senet": lambda h: h.heads[0].weight, "linear": lambda h: h.heads.weight,
-                   "attention": lambda h: h.queries}[token_heads](model.tokenizer.heads)
+                   "attention": lambda h: h.queries,
+                   "recent": lambda h: h.slot_map.weight}[token_heads](model.tokenizer.heads)
     assert float(head_weight.grad.abs().sum()) > 0
     metrics = model.evaluate(tiny["valid"])
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
@@ -252,7 +253,7 @@ def test_every_repo_sparcode_expid_builds(tiny):
 
 
 @pytest.mark.parametrize("kind", ["dnn", "gru", "sa"])
-@pytest.mark.parametrize("heads", ["linear", "senet", "attention"])
+@pytest.mark.parametrize("heads", ["linear", "senet", "attention", "recent"])
 def test_user_tokenizer_shapes_and_normalisation(kind, heads):
     from model_zoo.layers.tokenizers import UserTokenizer
     torch.manual_seed(0)
@@ -269,7 +270,7 @@ def test_user_tokenizer_shapes_and_normalisation(kind, heads):
     raw = UserTokenizer(kind, 8, 3, 4, 6, heads, [16], history_len=5, num_layers=1, normalize_tokens=False)
     raw_tokens = raw(fields, history, mask)
     assert (raw_tokens.var(-1, unbiased=False) - 1).abs().max() > 0.1                # not normalised
-    if kind != "dnn" or heads == "attention":
+    if kind != "dnn" or heads in ("attention", "recent"):
         with pytest.raises(ValueError, match="needs the history"):
             tokenizer(fields)
 
@@ -282,6 +283,8 @@ def test_user_tokenizer_invalid_arguments():
         UserTokenizer(token_heads="attn")
     with pytest.raises(ValueError, match="num_fields"):
         UserTokenizer("dnn", num_fields=0)
+    with pytest.raises(ValueError, match="num_tokens <= history_len.*num_tokens=6, history_len=5"):
+        UserTokenizer(token_heads="recent", num_tokens=6, history_len=5)
     with pytest.raises(ValueError, match="fields shape"):
         UserTokenizer("dnn", embedding_dim=8, num_fields=2)(torch.randn(3, 4, 8))
 

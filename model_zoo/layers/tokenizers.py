@@ -19,6 +19,9 @@ Token heads (``layers.token_heads.TokenHeads``):
 - ``attention``: multi-interest attention (``InterestHeads``): every token pools the history with its own
   content-based attention (the raw history item embeddings for dnn, the encoder outputs for gru / sa;
   padding masked) and adds a linear map of f. Needs the history for every tokenizer, dnn included.
+- ``recent``: one token per recent behaviour (``RecentItemHeads``): token k maps the k-th most recent
+  history slot (raw item embedding for dnn, encoder output for gru / sa) and adds a linear map of f.
+  Needs the history; num_tokens <= history_len.
 
 ``normalize_tokens``: every token is layer-normalised (no affine parameters) before it leaves the
 tokenizer, so tokens keep a fixed scale (norm sqrt(D_T)) while they are quantized. Without it,
@@ -32,9 +35,10 @@ from torch.nn import functional as F
 from fuxictr.pytorch.layers import MLP_Block
 
 from .sequence_encoders import GRUEncoder, SelfAttentionEncoder
-from .token_heads import HEAD_TYPES, InterestHeads, TokenHeads
+from .token_heads import HEAD_TYPES, InterestHeads, RecentItemHeads, TokenHeads
 
 TOKENIZERS = ("dnn", "gru", "sa")
+_HISTORY_HEADS = ("attention", "recent")  # token heads that read the history slots
 
 
 class UserTokenizer(nn.Module):
@@ -47,7 +51,7 @@ class UserTokenizer(nn.Module):
             the profile fields without the history for "gru" / "sa"; may be 0 for those).
         num_tokens: K_u, tokens produced.
         token_dim: D_T, size of every token.
-        token_heads: "linear" (default) | "senet" | "attention".
+        token_heads: "linear" (default) | "senet" | "attention" | "recent".
         hidden_units: hidden layers of the MLP that produces f. Empty: f is its input as it is.
         hidden_activations: activation of that MLP. Default "ReLU".
         dropout: dropout of the MLP and of the self-attention encoder. Default 0.0.
@@ -93,7 +97,7 @@ class UserTokenizer(nn.Module):
         self.history_len = history_len
         self.token_dim = token_dim
         self.normalize_tokens = bool(normalize_tokens)
-        self.needs_history = tokenizer != "dnn" or token_heads == "attention"
+        self.needs_history = tokenizer != "dnn" or token_heads in _HISTORY_HEADS
 
         if tokenizer == "gru":
             self.encoder = GRUEncoder(embedding_dim, embedding_dim)
@@ -111,6 +115,11 @@ class UserTokenizer(nn.Module):
             self.heads = TokenHeads(summary_dim, num_tokens, token_dim, "linear")
         elif token_heads == "attention":
             self.heads = InterestHeads(embedding_dim, summary_dim, num_tokens, token_dim)
+        elif token_heads == "recent":
+            if num_tokens > history_len:
+                raise ValueError(f"UserTokenizer: token_heads='recent' needs num_tokens <= history_len, got "
+                                 f"num_tokens={num_tokens}, history_len={history_len}")
+            self.heads = RecentItemHeads(embedding_dim, summary_dim, num_tokens, token_dim)
         else:
             num_slots = num_fields + 1 + (history_len if self.encoder is not None else 0)
             self.summary_slot = nn.Linear(summary_dim, embedding_dim)
@@ -136,7 +145,7 @@ class UserTokenizer(nn.Module):
             features = torch.cat([last, features], dim=1)                              # [B, D + F * D]
             slots.insert(0, sequence)
         summary = self.mlp(features)                                                   # [B, H]
-        if self.head_type == "attention":
+        if self.head_type in _HISTORY_HEADS:
             tokens = self.heads(sequence, mask, summary)                               # [B, K_u, D_T]
         elif self.summary_slot is None:
             tokens = self.heads(summary)                                               # [B, K_u, D_T]

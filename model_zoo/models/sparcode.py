@@ -33,8 +33,9 @@ class SparCode(MatchModel):
         model_id: experiment id.
         embedding_dim: D, size of the field embeddings.
         tokenizer: user encoder, "dnn" (default) | "gru" | "sa".
-        token_heads: "linear" (default) | "senet" | "attention" (multi-interest attention over the history,
-            layers/token_heads.py), how the K_u user tokens are produced.
+        token_heads: "linear" (default) | "senet" | "attention" (multi-interest attention over the history) |
+            "recent" (one token per recent history item), how the K_u user tokens are produced
+            (layers/token_heads.py).
         num_query_tokens: K_u, tokens (codes) per user. Default 2.
         num_item_tokens: K_c, tokens per item (linear heads). Default 2.
         token_dim: D_T, token size (default: embedding_dim); divisible by num_codebooks.
@@ -93,7 +94,7 @@ class SparCode(MatchModel):
         self.embedding = FieldEmbedding(feature_map, embedding_dim, self.embedding_init_std,
                                         self.history_features)
         self.sequence_tokenizer = tokenizer != "dnn"
-        if (self.sequence_tokenizer or token_heads == "attention") and HISTORY_FEATURE not in feature_map.features:
+        if (self.sequence_tokenizer or token_heads in ("attention", "recent")) and HISTORY_FEATURE not in feature_map.features:
             raise ValueError(f"SparCode: tokenizer={tokenizer!r} with token_heads={token_heads!r} needs the "
                              f"history feature {HISTORY_FEATURE!r}")
         exclude = (HISTORY_FEATURE,) if self.sequence_tokenizer else ()
