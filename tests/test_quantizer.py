@@ -111,6 +111,25 @@ def test_straight_through_passes_matching_gradient_to_tokenizer():
     assert float(torch.autograd.grad(commit, tokenizer.linear.weight)[0].abs().sum()) > 0
 
 
+def test_rotation_gradient_is_the_codeword_gradient_rotated_back():
+    tokenizer, tokens, quantized, commit, match_loss = _matching_setup("rotation")
+    grad_tokens = torch.autograd.grad(match_loss, tokens, retain_graph=True)[0]       # [6, 2, 8]
+    grad_quantized = torch.autograd.grad(match_loss, quantized, retain_graph=True)[0]
+    codewords = quantized.detach()
+    for p, k in itertools.product(range(6), range(2)):
+        for m in range(2):
+            e, q = tokens[p, k, 4 * m:4 * m + 4].detach(), codewords[p, k, 4 * m:4 * m + 4]
+            e_hat, q_hat = e / e.norm(), q / q.norm()
+            r = (e_hat + q_hat) / (e_hat + q_hat).norm()
+            rotation = torch.eye(4) - 2 * torch.outer(r, r) + 2 * torch.outer(q_hat, e_hat)   # [4, 4]
+            assert torch.allclose(rotation @ rotation.t(), torch.eye(4), atol=1e-5)          # a rotation
+            assert torch.allclose(rotation @ e_hat, q_hat, atol=1e-5)                        # e_hat -> q_hat
+            expected = (q.norm() / e.norm()) * rotation.t() @ grad_quantized[p, k, 4 * m:4 * m + 4]
+            assert torch.allclose(grad_tokens[p, k, 4 * m:4 * m + 4], expected, atol=1e-5)
+    assert not torch.allclose(grad_tokens, grad_quantized)                              # not a plain copy
+    assert float(torch.autograd.grad(commit, tokenizer.linear.weight)[0].abs().sum()) > 0
+
+
 def test_commitment_only_blocks_matching_gradient():
     tokenizer, tokens, quantized, commit, match_loss = _matching_setup("commitment_only")
     assert not quantized.requires_grad

@@ -9,6 +9,7 @@ import yaml
 
 from model_zoo.experiment import run_experiment
 from model_zoo.layers.interaction import INTERACTIONS
+from model_zoo.layers.quantizer import GRADIENT_MODES
 from model_zoo.models import sparcode as sparcode_module
 from model_zoo.models.sparcode import SparCode
 
@@ -65,7 +66,7 @@ def _tokenizer_grad_norm(model, loss):
     return sum(float(g.abs().sum()) for g in grads if g is not None)
 
 
-@pytest.mark.parametrize("mode", ["straight_through", "commitment_only"])
+@pytest.mark.parametrize("mode", ["straight_through", "commitment_only", "rotation"])
 def test_matching_loss_reaches_tokenizer_only_with_straight_through(tiny, mode):
     model = _model(tiny, quantizer_grad=mode)
     model.train()
@@ -73,7 +74,7 @@ def test_matching_loss_reaches_tokenizer_only_with_straight_through(tiny, mode):
     match = _matching_loss(model, batch, positives)
     commit = model.auxiliary_loss()
     assert torch.is_tensor(commit) and float(commit.detach()) > 0
-    if mode == "straight_through":
+    if mode != "commitment_only":
         assert _tokenizer_grad_norm(model, match) > 0
     else:
         assert _tokenizer_grad_norm(model, match) == 0.0
@@ -249,7 +250,7 @@ def test_every_repo_sparcode_expid_builds(tiny):
         seen.add((model.tokenizer.tokenizer, model.scorer.interaction, model.quantizer.gradient_mode))
     assert {t for t, _, _ in seen} == {"dnn", "gru", "sa"}
     assert {i for _, i, _ in seen} == set(INTERACTIONS)
-    assert {g for _, _, g in seen} == {"straight_through", "commitment_only"}
+    assert {g for _, _, g in seen} == set(GRADIENT_MODES)
 
 
 @pytest.mark.parametrize("kind", ["dnn", "gru", "sa"])
@@ -289,7 +290,7 @@ def test_user_tokenizer_invalid_arguments():
         UserTokenizer("dnn", embedding_dim=8, num_fields=2)(torch.randn(3, 4, 8))
 
 
-@pytest.mark.parametrize("mode", ["straight_through", "commitment_only"])
+@pytest.mark.parametrize("mode", ["straight_through", "commitment_only", "rotation"])
 def test_quantizer_warmup_feeds_tokens_then_codewords(tiny, mode):
     model = _model(tiny, quantizer_warmup_steps=2, quantizer_grad=mode)
     model.train()
@@ -304,7 +305,7 @@ def test_quantizer_warmup_feeds_tokens_then_codewords(tiny, mode):
         if step < 2:
             assert torch.allclose(quantized, tokens) and not torch.allclose(quantized, codewords)
             match = model.score_matrix((quantized, keys), model.encode_items(model.items(positives))).sum()
-            assert (_tokenizer_grad_norm(model, match) > 0) == (mode == "straight_through")
+            assert (_tokenizer_grad_norm(model, match) > 0) == (mode != "commitment_only")
         else:
             assert torch.equal(quantized.detach(), codewords)
     model.eval()

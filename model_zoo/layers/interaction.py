@@ -21,7 +21,8 @@ the results by broadcasting. ``maxsim``, ``crossnet`` and ``innerp_dnn`` need th
 Stop-gradient. The sg[] of Eq. 9 is there "to avoid affecting the parameters of codebooks". In this
 library the codebooks are buffers updated by EMA, outside autograd, so no loss can reach them whatever
 the scorer does. What sg[] would still cut is the path from the matching loss to the tokenizer through
-the straight-through estimator, and that path is the point of ``quantizer_grad: straight_through``.
+the straight-through estimator (or the rotation trick), and that path is the point of
+``quantizer_grad: straight_through`` (and ``rotation``).
 Therefore the scorer does NOT detach the query by default (``stop_gradient_query=False``): the
 quantizer's ``gradient_mode`` alone decides whether the matching loss reaches the tokenizer
 ("commitment_only" already returns a detached vector). ``stop_gradient_query=True`` detaches the query

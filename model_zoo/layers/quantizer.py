@@ -30,6 +30,12 @@ Gradients (``gradient_mode``):
   its gradient is copied to the tokens, so the matching loss reaches the tokenizer.
 - ``"commitment_only"``: the returned vector is ``q.detach()`` (the paper's literal sg[] reading); the
   tokenizer is trained only by the commitment loss.
+- ``"rotation"``: the rotation trick of Fifty et al. (ICLR'25, "Restructuring vector quantization with
+  the rotation trick"). Per sub-vector e with codeword q, the returned value is again exactly q, but the
+  gradient reaching e is the codeword's gradient passed back through sg[lambda R], where R is the
+  rotation taking e / ||e|| to q / ||q|| (in the plane of the two) and lambda = ||q|| / ||e||. Unlike the
+  straight-through copy, the gradient then depends on where e sits relative to its codeword, so tokens
+  of one cluster receive different updates.
 In both modes the codebooks receive no gradient (they are buffers, never in ``parameters()``).
 
 Commitment loss (Eq. 13): ``sum over tokens and codebooks of ||T^(m) - sg[T~^(m)]||^2`` for one user,
@@ -43,7 +49,7 @@ import math
 import torch
 from torch import nn
 
-GRADIENT_MODES = ("straight_through", "commitment_only")
+GRADIENT_MODES = ("straight_through", "commitment_only", "rotation")
 
 
 class ProductQuantizer(nn.Module):
@@ -190,12 +196,33 @@ class ProductQuantizer(nn.Module):
         if self.gradient_mode == "straight_through":
             # Value exactly q (t - sg[t] is exactly 0), gradient copied to the tokens.
             quantized_out = quantized + (tokens - tokens.detach())
+        elif self.gradient_mode == "rotation":
+            rotated = self._rotate(sub_vectors, self._lookup(codes)).reshape(tokens.shape)  # [B, K_u, D_T]
+            quantized_out = quantized + (rotated - rotated.detach()).to(tokens.dtype)       # value exactly q
         else:
             quantized_out = quantized
         if self.training:
             self._ema_update(sub_vectors.detach(), codes)
         codes = codes.reshape(*tokens.shape[:-1], self.num_codebooks)
         return quantized_out, codes, commit_loss
+
+    @staticmethod
+    def _rotate(sub_vectors, codewords, eps=1e-8):
+        """sg[lambda R] e for every sub-vector: [P, M, d] (with gradient) and codewords [P, M, d] -> [P, M, d].
+
+        R e = e - 2 (r . e) r + 2 (e_hat . e) q_hat with r = normalize(e_hat + q_hat); R maps e_hat to
+        q_hat. Everything but the e being multiplied is detached.
+        """
+        with torch.no_grad():
+            norm_e = sub_vectors.norm(dim=-1, keepdim=True).clamp_min(eps)            # [P, M, 1]
+            norm_q = codewords.norm(dim=-1, keepdim=True).clamp_min(eps)
+            e_hat, q_hat = sub_vectors / norm_e, codewords / norm_q
+            r = e_hat + q_hat
+            r = r / r.norm(dim=-1, keepdim=True).clamp_min(eps)
+            scale = norm_q / norm_e                                                    # lambda
+        e = sub_vectors
+        rotated = e - 2 * (e * r).sum(-1, keepdim=True) * r + 2 * (e * e_hat).sum(-1, keepdim=True) * q_hat
+        return scale * rotated
 
     # ------------------------------------------------------------------ codebook updates
     @torch.no_grad()

@@ -43,8 +43,9 @@ class SparCode(MatchModel):
         codebook_size: N, codewords per codebook. Default 256.
         codebook_decay: gamma of the EMA codebook update. Default 0.99.
         commitment_weight: lambda of Eq. 14. Default 0.25.
-        quantizer_grad: "straight_through" (default; the matching loss reaches the tokenizer) or
-            "commitment_only" (the literal sg[] reading: only the commitment loss trains the tokenizer).
+        quantizer_grad: "straight_through" (default; the matching loss reaches the tokenizer),
+            "commitment_only" (the literal sg[] reading: only the commitment loss trains the tokenizer) or
+            "rotation" (the matching loss reaches the tokenizer through the rotation trick, layers/quantizer.py).
         dead_code_threshold: restart codewords whose EMA cluster size is below it; 0 = never. Default 1e-2.
         kmeans_init: set the codebooks by k-means on the first training batch. Default True.
         quantizer_warmup_steps: training steps during which the scorer is fed the unquantized tokens
@@ -153,7 +154,7 @@ class SparCode(MatchModel):
         keys = self.quantizer.pack_keys(codes)                                              # [B, K_u]
         if self.training:
             if self.train_steps < self.quantizer_warmup_steps:
-                quantized = tokens if self.quantizer.gradient_mode == "straight_through" else tokens.detach()
+                quantized = tokens if self.quantizer.gradient_mode != "commitment_only" else tokens.detach()
             self.train_steps += 1
             self._commit_loss = commit_loss
             self._epoch_commit.append(float(self.quantizer.last_raw_commitment))
