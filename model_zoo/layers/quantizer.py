@@ -36,7 +36,7 @@ Gradients (``gradient_mode``):
   rotation taking e / ||e|| to q / ||q|| (in the plane of the two) and lambda = ||q|| / ||e||. Unlike the
   straight-through copy, the gradient then depends on where e sits relative to its codeword, so tokens
   of one cluster receive different updates.
-In both modes the codebooks receive no gradient (they are buffers, never in ``parameters()``).
+In every mode the codebooks receive no gradient (they are buffers, never in ``parameters()``).
 
 Commitment loss (Eq. 13): ``sum over tokens and codebooks of ||T^(m) - sg[T~^(m)]||^2`` for one user,
 i.e. the squared error summed over every axis except the first (batch) axis, then averaged over the
