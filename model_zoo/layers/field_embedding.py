@@ -43,13 +43,17 @@ class FieldEmbedding(nn.Module):
     def num_fields(self, source, exclude=()):
         return len(self.field_names(source, exclude))
 
-    def fields(self, inputs, source, exclude=()):
-        """Field embeddings of one side: [B, F, D]; sequences are mean-pooled over non-padding."""
+    def fields(self, inputs, source, exclude=(), history=None):
+        """Field embeddings of one side: [B, F, D]; sequences are mean-pooled over non-padding.
+
+        history: the history embeddings [B, L, D] from `sequence`, when the caller already has them
+        (then they are pooled instead of being embedded a second time).
+        """
         names = [n for n in self.field_names(source, exclude) if n in inputs]
-        by_item = self.history_features == "item" and HISTORY_FEATURE in names
-        embedded = self.embeddings({n: inputs[n] for n in names if not (by_item and n == HISTORY_FEATURE)})
-        if by_item:                                                      # no id lookup that would be discarded
-            embedded[HISTORY_FEATURE] = self.sequence(inputs)[0]         # [B, L, D], 0 at padding
+        own_history = HISTORY_FEATURE in names and (history is not None or self.history_features == "item")
+        embedded = self.embeddings({n: inputs[n] for n in names if not (own_history and n == HISTORY_FEATURE)})
+        if own_history:                                                  # no id lookup that would be discarded
+            embedded[HISTORY_FEATURE] = self.sequence(inputs)[0] if history is None else history   # [B, L, D]
         out = []
         for name in names:
             emb = embedded[name]

@@ -197,7 +197,8 @@ class ProductQuantizer(nn.Module):
             # Value exactly q (t - sg[t] is exactly 0), gradient copied to the tokens.
             quantized_out = quantized + (tokens - tokens.detach())
         elif self.gradient_mode == "rotation":
-            rotated = self._rotate(sub_vectors, self._lookup(codes)).reshape(tokens.shape)  # [B, K_u, D_T]
+            codewords = quantized.float().reshape(sub_vectors.shape)                         # [P, M, d]
+            rotated = self._rotate(sub_vectors, codewords).reshape(tokens.shape)             # [B, K_u, D_T]
             quantized_out = quantized + (rotated - rotated.detach()).to(tokens.dtype)       # value exactly q
         else:
             quantized_out = quantized

@@ -28,6 +28,13 @@ HEAD_TYPES = ("linear", "senet", "attention", "recent")
 _FIXED_SLOT_TYPES = ("linear", "senet")
 
 
+def _check_positive_ints(owner, **values):
+    """Raise ValueError naming the first argument that is not a positive int."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+
 class TokenHeads(nn.Module):
     """Map a feature vector or field embeddings to ``num_tokens`` token vectors.
 
@@ -57,9 +64,7 @@ class TokenHeads(nn.Module):
             hint = {"attention": " (use InterestHeads for 'attention')",
                     "recent": " (use RecentItemHeads for 'recent')"}.get(head_type, "")
             raise ValueError(f"TokenHeads: head_type={head_type!r}, expected one of {_FIXED_SLOT_TYPES}{hint}")
-        for name, value in (("input_dim", input_dim), ("num_tokens", num_tokens), ("token_dim", token_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TokenHeads: {name} must be a positive int, got {value!r}")
+        _check_positive_ints("TokenHeads", input_dim=input_dim, num_tokens=num_tokens, token_dim=token_dim)
         if num_fields is not None and (isinstance(num_fields, bool) or not isinstance(num_fields, int)
                                        or num_fields < 1):
             raise ValueError(f"TokenHeads: num_fields must be a positive int or None, got {num_fields!r}")
@@ -115,10 +120,8 @@ class InterestHeads(nn.Module):
     def __init__(self, input_dim=64, summary_dim=64, num_tokens=2, token_dim=64, attention_dim=None):
         super().__init__()
         attention_dim = input_dim if attention_dim is None else attention_dim
-        for name, value in (("input_dim", input_dim), ("summary_dim", summary_dim), ("num_tokens", num_tokens),
-                            ("token_dim", token_dim), ("attention_dim", attention_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"InterestHeads: {name} must be a positive int, got {value!r}")
+        _check_positive_ints("InterestHeads", input_dim=input_dim, summary_dim=summary_dim, num_tokens=num_tokens,
+                             token_dim=token_dim, attention_dim=attention_dim)
         self.input_dim, self.num_tokens, self.token_dim = input_dim, num_tokens, token_dim
         self.key = nn.Linear(input_dim, attention_dim, bias=False)
         self.queries = nn.Parameter(torch.empty(num_tokens, attention_dim))
@@ -166,10 +169,8 @@ class RecentItemHeads(nn.Module):
 
     def __init__(self, input_dim=64, summary_dim=64, num_tokens=2, token_dim=64):
         super().__init__()
-        for name, value in (("input_dim", input_dim), ("summary_dim", summary_dim), ("num_tokens", num_tokens),
-                            ("token_dim", token_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"RecentItemHeads: {name} must be a positive int, got {value!r}")
+        _check_positive_ints("RecentItemHeads", input_dim=input_dim, summary_dim=summary_dim, num_tokens=num_tokens,
+                             token_dim=token_dim)
         self.input_dim, self.num_tokens, self.token_dim = input_dim, num_tokens, token_dim
         self.slot_map = nn.Linear(input_dim, token_dim, bias=False)
         self.summary_map = nn.Linear(summary_dim, token_dim)

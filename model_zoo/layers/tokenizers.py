@@ -38,7 +38,7 @@ from .sequence_encoders import GRUEncoder, SelfAttentionEncoder
 from .token_heads import HEAD_TYPES, InterestHeads, RecentItemHeads, TokenHeads
 
 TOKENIZERS = ("dnn", "gru", "sa")
-_HISTORY_HEADS = ("attention", "recent")  # token heads that read the history slots
+HISTORY_HEADS = ("attention", "recent")  # token heads that read the history slots
 
 
 class UserTokenizer(nn.Module):
@@ -97,7 +97,7 @@ class UserTokenizer(nn.Module):
         self.history_len = history_len
         self.token_dim = token_dim
         self.normalize_tokens = bool(normalize_tokens)
-        self.needs_history = tokenizer != "dnn" or token_heads in _HISTORY_HEADS
+        self.needs_history = tokenizer != "dnn" or token_heads in HISTORY_HEADS
 
         if tokenizer == "gru":
             self.encoder = GRUEncoder(embedding_dim, embedding_dim)
@@ -145,7 +145,7 @@ class UserTokenizer(nn.Module):
             features = torch.cat([last, features], dim=1)                              # [B, D + F * D]
             slots.insert(0, sequence)
         summary = self.mlp(features)                                                   # [B, H]
-        if self.head_type in _HISTORY_HEADS:
+        if self.head_type in HISTORY_HEADS:
             tokens = self.heads(sequence, mask, summary)                               # [B, K_u, D_T]
         elif self.summary_slot is None:
             tokens = self.heads(summary)                                               # [B, K_u, D_T]

@@ -20,7 +20,7 @@ from ..layers.field_embedding import FieldEmbedding
 from ..layers.interaction import INTERACTIONS, InteractionScorer
 from ..layers.quantizer import GRADIENT_MODES, ProductQuantizer
 from ..layers.token_heads import HEAD_TYPES, TokenHeads
-from ..layers.tokenizers import TOKENIZERS, UserTokenizer
+from ..layers.tokenizers import HISTORY_HEADS, TOKENIZERS, UserTokenizer
 
 PAIR_BUDGET = 1 << 24     # floats of one scorer chunk: pairs x (input width + hidden units)
 
@@ -95,7 +95,7 @@ class SparCode(MatchModel):
         self.embedding = FieldEmbedding(feature_map, embedding_dim, self.embedding_init_std,
                                         self.history_features)
         self.sequence_tokenizer = tokenizer != "dnn"
-        if (self.sequence_tokenizer or token_heads in ("attention", "recent")) and HISTORY_FEATURE not in feature_map.features:
+        if (self.sequence_tokenizer or token_heads in HISTORY_HEADS) and HISTORY_FEATURE not in feature_map.features:
             raise ValueError(f"SparCode: tokenizer={tokenizer!r} with token_heads={token_heads!r} needs the "
                              f"history feature {HISTORY_FEATURE!r}")
         exclude = (HISTORY_FEATURE,) if self.sequence_tokenizer else ()
@@ -133,14 +133,13 @@ class SparCode(MatchModel):
     # ---- towers ---------------------------------------------------------------------
     def user_tokens(self, inputs):
         """Tokens before quantization: [B, K_u, D_T]."""
-        if self.tokenizer.num_fields:
-            fields = self.embedding.fields(inputs, "user", exclude=self.user_exclude)      # [B, F, D]
+        history, mask = (self.embedding.sequence(inputs) if self.tokenizer.needs_history   # [B, L, D], [B, L]
+                         else (None, None))
+        if self.tokenizer.num_fields:                                                       # [B, F, D]
+            fields = self.embedding.fields(inputs, "user", exclude=self.user_exclude, history=history)
         else:
             fields = torch.zeros(inputs[HISTORY_FEATURE].shape[0], 0, self.embedding.embedding_dim,
                                  device=self.device)
-        if not self.tokenizer.needs_history:
-            return self.tokenizer(fields)
-        history, mask = self.embedding.sequence(inputs)                                     # [B, L, D], [B, L]
         return self.tokenizer(fields, history, mask)
 
     def encode_users(self, inputs):
