@@ -38,6 +38,9 @@ DATASET_DEFAULTS = {
     "history_ratio": 0.8,
     "max_len": 20,
     "min_history": 1,
+    "train_history": "past",    # past: a training row's history = the max_len items before its target;
+                                # user_sample: a fresh random max_len of the user's other training items
+                                # (time order) every epoch (model_zoo/data/loaders.py, TrainLoader)
     "split_seed": 2023,
     "min_user_interactions": 2,
     "precision_denominator": "k",

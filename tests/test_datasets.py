@@ -514,6 +514,17 @@ def test_pair_arrays_npy_and_csv(tmp_path):
         assert {raw_item[i] for i in mask} == set(known[known[:, 0] == u, 1]), "test mask = train + valid"
     for user, (gt, mask, _) in valid.items():
         assert {raw_item[i] for i in mask} == set(pairs["train"][pairs["train"][:, 0] == int(user), 1])
+    # train_history: user_sample stores each user's training pairs as its timeline
+    data_dir = build_dataset(dict(params, train_history="user_sample", data_root=str(tmp_path / "sampled")))
+    with h5py.File(os.path.join(data_dir, "train.h5")) as fd:
+        train = {k: fd[k][()] for k in ("timeline_row", "timeline_indptr", "timeline_items", "item_index",
+                                         "raw_user_id")}
+    for row in range(len(train["item_index"])):
+        k = train["timeline_row"][row]
+        timeline = train["timeline_items"][train["timeline_indptr"][k]:train["timeline_indptr"][k + 1]] - 1
+        user = int(train["raw_user_id"][row])
+        assert {raw_item[i] for i in timeline} == set(pairs["train"][pairs["train"][:, 0] == user, 1])
+        assert train["item_index"][row] in timeline
     # the same pairs as CSV files, with and without header
     (tmp_path / "csv").mkdir()
     for split, array in pairs.items():

@@ -10,6 +10,7 @@ from model_zoo import get_model
 from model_zoo.config import load_config
 from model_zoo.data.feature_processor import HISTORY_FEATURE
 from model_zoo.data.h5 import read_h5
+from model_zoo.data.loaders import TrainLoader
 from model_zoo.data.pipeline import make_examples
 from model_zoo.errors import ConfigError
 from model_zoo.layers.sequence_encoders import GRUEncoder
@@ -75,6 +76,58 @@ def test_make_examples_one_row_per_position_with_last_max_len_items():
     for bad in (-1, 1.5, True):
         with pytest.raises(ConfigError, match="min_history"):
             make_examples([(4, seq)], max_len=3, min_history=bad, history_ratio=0.8, is_train=True)
+
+
+def test_train_history_user_sample_draws_other_items_of_the_user_in_time_order(tmp_path, tiny_raw):
+    config = write_config(str(tmp_path), tiny_raw, {"DSSM_tiny": {"model": "DSSM", "dataset_id": "tiny", **SMALL}},
+                          {"max_len": 4, "min_history": 1, "train_history": "user_sample"})
+    data = open_tiny(config, "DSSM_tiny", batch_size=16)
+    stored = read_h5(os.path.join(data["data_dir"], "train.h5"))
+    indptr, items = stored["timeline_indptr"], stored["timeline_items"]
+    timelines = [items[indptr[k]:indptr[k + 1]].tolist() for k in range(len(indptr) - 1)]
+    # every training user's timeline holds its first item too (never a target with min_history = 1)
+    assert sum(len(t) for t in timelines) == len(stored["item_index"]) + len(timelines)
+    epochs = []
+    for _ in range(2):
+        drawn = []
+        for batch in data["train"]:
+            for hist, target in zip(batch[HISTORY_FEATURE].tolist(), batch["item_index"].tolist()):
+                drawn.append((tuple(hist), target))
+        epochs.append(drawn)
+    rows_by_target = {}
+    for t, timeline in enumerate(timelines):
+        for code in timeline:
+            rows_by_target.setdefault(code - 1, []).append(timeline)
+    for hist, target in epochs[0]:
+        codes = [c for c in hist if c != 0]
+        assert list(hist[:4 - len(codes)]) == [0] * (4 - len(codes))        # left-padded
+        owners = [t for t in rows_by_target[target] if set(codes) <= set(t)]
+        assert owners, "a sampled history item is not from the target's user"
+        assert target + 1 not in codes
+        assert any(len(codes) == min(4, len(set(t) - {target + 1})) for t in owners)   # up to max_len
+    assert sorted(t for _, t in epochs[0]) == sorted(stored["item_index"].tolist())
+    assert epochs[0] != epochs[1]                                            # a fresh draw every epoch
+
+
+def test_sample_histories_keeps_time_order_and_drops_every_copy_of_the_target():
+    loader = object.__new__(TrainLoader)
+    loader.rng = np.random.RandomState(0)
+    loader.timelines = {"timeline_indptr": np.array([0, 5, 12, 14]),
+                        "timeline_items": np.array([10, 11, 12, 11, 14, 20, 21, 22, 23, 24, 25, 26, 30, 31])}
+    hist = loader.sample_histories(np.array([0, 1, 2, 1]), np.array([10, 19, 30, 25]), max_len=4)
+    assert hist[0].tolist() == [0, 10, 12, 14]                  # both copies of item 10 (code 11) dropped
+    assert hist[2].tolist() == [0, 0, 0, 30]                    # target 30 is code 31
+    for row, candidates in ((1, {21, 22, 23, 24, 25, 26}), (3, {20, 21, 22, 23, 24, 25})):
+        codes = hist[row].tolist()                              # 6 candidates for 4 slots
+        assert len(set(codes)) == 4 and codes == sorted(codes) and set(codes) <= candidates
+    draws = {tuple(loader.sample_histories(np.array([1]), np.array([19]), max_len=4)[0]) for _ in range(50)}
+    assert len(draws) > 5                                       # uniform over the C(6, 4) = 15 subsets
+
+
+def test_train_history_is_checked(tmp_path, tiny_raw):
+    with pytest.raises(ConfigError, match="train_history"):
+        make_examples([(0, np.array([1, 2, 3]))], max_len=3, min_history=1, history_ratio=0.8, is_train=True,
+                      train_history="future")
 
 
 def test_built_train_split_has_every_position_and_static_user_features(tiny):

@@ -95,6 +95,11 @@ class TrainLoader:
             self.user_table = read_h5(users_path, required=self.gathered)
         row_columns = [c for c in self.user_columns if c not in self.gathered or self.user_table is None]
         self.columns = row_columns + ["item_index"] + (["user_row"] if self.user_table is not None else [])
+        # train_history: user_sample (the build wrote every training user's timeline): fresh histories
+        self.timelines = None
+        if "timeline_indptr" in present:
+            self.timelines = read_h5(path, required=("timeline_indptr", "timeline_items"))
+            self.columns.append("timeline_row")
         self.num_rows = h5_num_rows(path, "item_index")
         if self.num_rows == 0:
             raise DataError(f"{path}: the training split is empty")
@@ -127,7 +132,27 @@ class TrainLoader:
         targets = block["item_index"]
         if self.num_items is not None and (targets.min() < 0 or targets.max() >= self.num_items):
             raise DataError(f"{self.path}: column item_index has ids outside [0, {self.num_items - 1}]")
+        if self.timelines is not None:
+            rows = block["timeline_row"]
+            if rows.size and (rows.min() < 0 or rows.max() >= len(self.timelines["timeline_indptr"]) - 1):
+                raise DataError(f"{self.path}: column timeline_row points outside timeline_indptr")
         return block
+
+    def sample_histories(self, timeline_rows, targets, max_len):
+        """[rows, max_len] histories: for each row, up to `max_len` of its user's training items other
+        than the target, drawn uniformly without replacement, kept in time order and left-padded with 0."""
+        indptr, items = self.timelines["timeline_indptr"], self.timelines["timeline_items"]
+        starts, sizes = indptr[timeline_rows], indptr[timeline_rows + 1] - indptr[timeline_rows]   # [B]
+        width = max(int(sizes.max()), 1)
+        position = np.arange(width)[None, :]                                                     # [1, W]
+        codes = items[np.minimum(starts[:, None] + position, len(items) - 1)]                     # [B, W]
+        usable = (position < sizes[:, None]) & (codes != targets[:, None] + 1)
+        keys = np.where(usable, self.rng.random_sample(codes.shape), 2.0)                         # [B, W]
+        chosen = np.argsort(keys, axis=1)[:, :max_len]                                           # [B, <=L]
+        chosen = np.where(np.take_along_axis(usable, chosen, 1), chosen, -1)
+        chosen = np.sort(chosen, axis=1)                           # padding (-1) first, then time order
+        hist = np.where(chosen >= 0, np.take_along_axis(codes, np.maximum(chosen, 0), 1), 0)
+        return np.pad(hist, ((0, 0), (max_len - hist.shape[1], 0)))                              # [B, L]
 
     def __iter__(self):
         starts = np.arange(0, self.num_rows, self.block_size)
@@ -143,10 +168,16 @@ class TrainLoader:
                 block = {k: np.concatenate([carry[k], block[k]]) for k in block}
             n_full = len(block["item_index"]) // self.batch_size * self.batch_size
             for lo in range(0, n_full, self.batch_size):
-                yield to_tensors({k: v[lo:lo + self.batch_size] for k, v in block.items()}, self.output_columns)
+                yield self._batch({k: v[lo:lo + self.batch_size] for k, v in block.items()})
             carry = {k: v[n_full:] for k, v in block.items()} if n_full < len(block["item_index"]) else None
         if carry is not None:
-            yield to_tensors(carry, self.output_columns)
+            yield self._batch(carry)
+
+    def _batch(self, columns):
+        if self.timelines is not None:
+            columns[HISTORY_FEATURE] = self.sample_histories(columns["timeline_row"], columns["item_index"],
+                                                             columns[HISTORY_FEATURE].shape[1])
+        return to_tensors(columns, self.output_columns)
 
     def item_counts(self, num_items):
         """Training frequency of every item (for popularity sampling and the Popularity model)."""

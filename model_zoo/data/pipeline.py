@@ -20,9 +20,11 @@ from .sources import feature_specs, load_raw
 
 BUILD_KEYS = ("source", "feature_cols", "user_id_col", "item_id_col", "time_col", "split_ratios",
               "history_ratio", "max_len", "min_history", "split_seed", "min_user_interactions",
-              "rating_col", "rating_threshold", "files", "valid_fraction", "train_user_table")
+              "rating_col", "rating_threshold", "files", "valid_fraction", "train_user_table",
+              "train_history")
 BUILD_VERSION = 2
 SPLITS = ("train", "valid", "test")
+TRAIN_HISTORIES = ("past", "user_sample")
 
 
 def data_dir_of(params):
@@ -84,7 +86,27 @@ def _csr(lists):
     return indptr, items
 
 
-def make_examples(sequences, max_len, min_history, history_ratio, is_train):
+def check_train_history(value):
+    if value not in TRAIN_HISTORIES:
+        raise ConfigError(f"train_history={value!r}: expected one of {list(TRAIN_HISTORIES)}")
+    return value
+
+
+def timeline_columns(timelines, row_timeline):
+    """train.h5 columns for `train_history: user_sample`: every training user's items as CSR.
+
+    Args:
+        timelines: list over training users of item_index arrays (time or file order).
+        row_timeline: [rows] int, the timeline (position in `timelines`) of each training row.
+    Returns:
+        {"timeline_row": [rows], "timeline_indptr": [users + 1], "timeline_items": item_index + 1}.
+    """
+    indptr, items = _csr(list(timelines))
+    return {"timeline_row": np.asarray(row_timeline, dtype=np.int64), "timeline_indptr": indptr,
+            "timeline_items": items + 1}
+
+
+def make_examples(sequences, max_len, min_history, history_ratio, is_train, train_history="past"):
     """Training rows from every position, or one held-out row per user.
 
     Args:
@@ -94,6 +116,9 @@ def make_examples(sequences, max_len, min_history, history_ratio, is_train):
             (0 keeps the first item of every sequence as a target with an empty history).
         history_ratio: share of a held-out user's sequence used as history.
         is_train: training rows (one per position) or held-out rows (one per user).
+        train_history: `past`: a training row's history is the `max_len` items before it;
+            `user_sample`: the same rows plus every training user's timeline (`timeline_columns`),
+            from which TrainLoader draws a fresh history of the user's other items every epoch.
     Returns:
         dict with `user_row`, `hist` and either `item_index` (train) or the gt/mask CSR.
     """
@@ -101,7 +126,8 @@ def make_examples(sequences, max_len, min_history, history_ratio, is_train):
         raise ConfigError(f"min_history={min_history!r}: expected an integer >= 0 (earlier items required "
                           "before a training target)")
     if is_train:
-        rows, hists, targets = [], [], []
+        check_train_history(train_history)
+        rows, hists, targets, timelines, row_timeline = [], [], [], [], []
         for user_row, seq in sequences:
             positions = np.arange(min_history, len(seq))
             if len(positions) == 0:
@@ -109,10 +135,15 @@ def make_examples(sequences, max_len, min_history, history_ratio, is_train):
             hists.append(left_padded_windows(seq + 1, positions, max_len))
             targets.append(seq[positions])
             rows.append(np.full(len(positions), user_row))
+            row_timeline.append(np.full(len(positions), len(timelines)))
+            timelines.append(seq)
         if not rows:
             raise DataError("no training example: every training user has at most min_history items")
-        return {"user_row": np.concatenate(rows), HISTORY_FEATURE: np.concatenate(hists),
-                "item_index": np.concatenate(targets)}
+        columns = {"user_row": np.concatenate(rows), HISTORY_FEATURE: np.concatenate(hists),
+                   "item_index": np.concatenate(targets)}
+        if train_history == "user_sample":
+            columns.update(timeline_columns(timelines, np.concatenate(row_timeline)))
+        return columns
     rows, hists, gts, masks = [], [], [], []
     for user_row, seq in sequences:
         n_hist = min(max(1, int(np.floor(history_ratio * len(seq)))), len(seq) - 1)
@@ -186,7 +217,7 @@ def sequential_examples(params, raw, item_row):
                             f"(split_ratios={list(params['split_ratios'])}, {len(user_ids)} users)")
         seqs = [(user_pos[u], grouped[u]) for u in ids]
         examples[split] = make_examples(seqs, params["max_len"], params["min_history"], params["history_ratio"],
-                                        is_train=(split == "train"))
+                                        is_train=(split == "train"), train_history=params["train_history"])
     return user_ids, users, user_pos[splits["train"]].to_numpy(), examples
 
 
@@ -330,6 +361,11 @@ def given_examples(params, raw, item_row):
     else:
         hist = np.zeros((len(user_rows), max_len), dtype=np.int64)
     examples = {"train": {"user_row": user_rows, HISTORY_FEATURE: hist, "item_index": codes - 1}}
+    if check_train_history(params["train_history"]) == "user_sample":
+        if not raw.given_history:
+            raise ConfigError(f"dataset {params['dataset_id']}: train_history='user_sample' needs user histories; "
+                              f"source {params['source']!r} has none: expected 'past'")
+        examples["train"].update(timeline_columns(np.split(codes - 1, starts[1:]), group))
     for split in ("valid", "test"):
         rows = _eval_examples(pairs[split], known[split], max_len, raw.given_history, len(item_row))
         if rows is None:
