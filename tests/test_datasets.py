@@ -276,6 +276,8 @@ def test_deezer_samples_v1_build_expected_fields(tmp_path):
     with h5py.File(os.path.join(data_dir, "item_corpus.h5")) as fd:
         expected = np.asarray(yaml.safe_load(songs["features_svd"][2]), dtype=np.float32)   # "[...]" strings
         assert np.allclose(fd["features_svd"][2], expected)
+    with pytest.raises(ConfigError, match="train_history='user_sample' needs user histories"):
+        build_dataset(dict(params, train_history="user_sample"))      # cold users: no history to sample
 
 
 def test_deezer_samples_v2_with_realistic_ground_truth(tmp_path):

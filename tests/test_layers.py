@@ -47,6 +47,26 @@ def test_parameter_free_interactions_follow_their_formulas():
     assert list(_scorer("dot").parameters()) == [] and list(_scorer("maxsim").parameters()) == []
 
 
+@pytest.mark.parametrize("interaction", ["dot", "maxsim"])
+@pytest.mark.parametrize("stop_gradient_query", [False, True])
+def test_pairwise_equals_broadcast_forward_in_value_and_gradient(interaction, stop_gradient_query):
+    scorer = _scorer(interaction, stop_gradient_query=stop_gradient_query)
+    queries = torch.randn(6, D, requires_grad=True)
+    items = torch.randn(7, K_C, D, requires_grad=True)
+    fast = scorer.pairwise(queries, items)                                           # [6, 7]
+    slow = scorer(queries[:, None], items[None])                                     # [6, 7]
+    assert fast.shape == (6, 7) and torch.allclose(fast, slow, atol=1e-5)
+    weights = torch.randn(6, 7)
+    fast_grads = torch.autograd.grad((fast * weights).sum(), [items] + ([] if stop_gradient_query else [queries]))
+    slow_grads = torch.autograd.grad((slow * weights).sum(), [items] + ([] if stop_gradient_query else [queries]))
+    for got, expected in zip(fast_grads, slow_grads):
+        assert torch.allclose(got, expected, atol=1e-5)
+    if stop_gradient_query:
+        assert torch.autograd.grad(fast.sum(), queries, allow_unused=True)[0] is None
+    with pytest.raises(ValueError, match="pairwise.*innerp_dnn"):
+        _scorer("innerp_dnn").pairwise(queries, items)
+
+
 def test_dnn_equals_mlp_on_concatenation():
     scorer = _scorer("dnn")
     query, items = torch.randn(6, D), torch.randn(6, K_C, D)

@@ -34,6 +34,7 @@ from fuxictr.pytorch.layers import CrossNet, MLP_Block
 from fuxictr.pytorch.torch_utils import get_activation
 
 INTERACTIONS = ("dot", "maxsim", "crossnet", "dnn", "innerp_dnn")
+PAIRWISE_INTERACTIONS = ("dot", "maxsim")   # all query x item scores by matrix products (pairwise)
 
 
 def _check_activation(activation):
@@ -156,6 +157,20 @@ class InteractionScorer(nn.Module):
         shape = torch.broadcast_shapes(query.shape[:-1], items.shape[:-2])
         inputs = torch.cat([query.expand(*shape, -1), items_flat.expand(*shape, -1)], dim=-1)
         return self.output_layer(self.crossnet(inputs)).squeeze(-1)
+
+    def pairwise(self, queries, items):
+        """Every query against every item for `dot` and `maxsim`: queries [Q, D], items [C, K_c, D] -> [Q, C].
+
+        The same scores as forward(queries[:, None], items[None]) by matrix products, without the
+        [Q, C, D] broadcast product (training scores B * K_u queries against every sampled item)."""
+        if self.interaction not in PAIRWISE_INTERACTIONS:
+            raise ValueError(f"InteractionScorer.pairwise: interaction={self.interaction!r}; expected one of "
+                             f"{list(PAIRWISE_INTERACTIONS)} (use forward for the others)")
+        if self.stop_gradient_query:
+            queries = queries.detach()
+        if self.interaction == "dot":
+            return queries @ items.sum(dim=-2).t()                                     # [Q, C]
+        return torch.einsum("qd,ckd->qck", queries, items).amax(dim=-1)               # [Q, C]
 
     def extra_repr(self):
         return (f"interaction={self.interaction!r}, token_dim={self.token_dim}, "

@@ -17,7 +17,7 @@ from fuxictr.pytorch.layers import MLP_Block
 from ..base import MatchModel
 from ..data.feature_processor import HISTORY_FEATURE
 from ..layers.field_embedding import FieldEmbedding
-from ..layers.interaction import INTERACTIONS, InteractionScorer
+from ..layers.interaction import INTERACTIONS, PAIRWISE_INTERACTIONS, InteractionScorer
 from ..layers.quantizer import GRADIENT_MODES, ProductQuantizer
 from ..layers.token_heads import HEAD_TYPES, TokenHeads
 from ..layers.tokenizers import HISTORY_HEADS, TOKENIZERS, UserTokenizer
@@ -179,6 +179,9 @@ class SparCode(MatchModel):
         """S of every query against every item: queries [Q, D_T], items [C, K_c, D_T] -> [Q, C]."""
         columns = []
         for i in range(0, items.shape[0], item_chunk):
+            if self.scorer.interaction in PAIRWISE_INTERACTIONS:                            # matrix products
+                columns.append(self.scorer.pairwise(queries, items[i:i + item_chunk]))      # [Q, c]
+                continue
             block = items[i:i + item_chunk].unsqueeze(0)                                     # [1, c, K_c, D_T]
             rows = max(1, PAIR_BUDGET // (block.shape[1] * self.pair_width))
             columns.append(torch.cat([self.scorer(queries[q:q + rows].unsqueeze(1), block)
