@@ -35,9 +35,12 @@ from model_zoo.experiment import run_experiment  # noqa: E402
 from model_zoo.results import load_result_if_current  # noqa: E402
 
 # DSSM with its tuned inputs and with the item-feature history SparCode reads; SparCode as the issue specifies
-# it (innerp_dnn), its commitment_only twin, and its best variant (the dot scorer).
+# it (innerp_dnn), its commitment_only twin, and its best variant (the dot scorer); then both trained on
+# sampled user histories (dataset demo_sample, `train_history: user_sample`).
 DEFAULT_EXPIDS = ("DSSM_demo_001", "DSSM_demo_item_history", "SparCode_demo_001", "SparCode_demo_commitment_only",
-                  "SparCode_demo_dot")
+                  "SparCode_demo_dot", "DSSM_demo_sample", "SparCode_demo_sample")
+# (SparCode expid, DSSM expid) trained on the same data: their per-seed difference is reported.
+PAIRS = (("SparCode_demo_dot", "DSSM_demo_001"), ("SparCode_demo_sample", "DSSM_demo_sample"))
 METRICS = ("Recall(k=50)", "NDCG(k=50)", "Recall(k=20)", "NDCG(k=20)")
 
 
@@ -185,6 +188,16 @@ def markdown(rows, command, seeds, provenance=""):
                 values = [row[name] for row in own]
                 cells.append(f"{statistics.mean(values):.4f} ± {statistics.pstdev(values):.4f}")
             lines.append(f"| {expid} | {' | '.join(cells)} |")
+    for sparcode, dssm in PAIRS:
+        left = {row["seed"]: row for row in rows if row["expid"] == sparcode}
+        right = {row["seed"]: row for row in rows if row["expid"] == dssm}
+        common = sorted(set(left) & set(right))
+        if common:
+            lines += ["", f"{sparcode} minus {dssm}, same seeds:", "",
+                      "| seed | Δ test Recall@50 | Δ test NDCG@50 |", "|---|---|---|"]
+            for seed in common:
+                lines.append(f"| {seed} | {left[seed]['Recall(k=50)'] - right[seed]['Recall(k=50)']:+.4f} | "
+                             f"{left[seed]['NDCG(k=50)'] - right[seed]['NDCG(k=50)']:+.4f} |")
     base = {row["seed"]: row for row in rows if row["expid"] == "SparCode_demo_001"}
     literal = {row["seed"]: row for row in rows if row["expid"] == "SparCode_demo_commitment_only"}
     common = sorted(set(base) & set(literal))
