@@ -3,8 +3,7 @@
 
 Both variants use the same trained tokenizer, item encoder, scorer and sparse bias b (Eq. 10-11:
 sum_k relu(S(token_k, item) + b)) and the models' evaluation protocol (history masked, every item ranked).
-The quantized variant must reproduce the model's own `evaluate` (checked). Needs a trained checkpoint and a
-scorer with matrix-product scoring (dot, maxsim):
+The quantized variant must reproduce the model's own `evaluate` (checked). Needs a trained checkpoint:
 
     python run_expid.py --expid SparCode_demo_sample
     python benchmarks/quantization_cost.py --expid SparCode_demo_sample
@@ -22,7 +21,6 @@ sys.path.insert(0, ROOT)
 from model_zoo import get_model  # noqa: E402
 from model_zoo.config import load_config  # noqa: E402
 from model_zoo.experiment import open_data  # noqa: E402
-from model_zoo.layers.interaction import PAIRWISE_INTERACTIONS  # noqa: E402
 from model_zoo.retrieval.exact import masked_topk  # noqa: E402
 from model_zoo.retrieval.metrics import topk_metrics  # noqa: E402
 
@@ -38,9 +36,7 @@ def recall(model, users, items, quantize, batch_size=256):
             tokens = model.user_tokens(users.batch(start, min(start + batch_size, len(users))))  # [B, K_u, D_T]
             if quantize:
                 tokens = model.quantizer.decode(model.quantizer.encode(tokens))
-            batch, num_tokens, dim = tokens.shape
-            raw = model.scorer.pairwise(tokens.reshape(-1, dim), items)                          # [B * K_u, C]
-            scores = torch.relu(raw + model.bias).view(batch, num_tokens, -1).sum(1)              # [B, C]
+            scores = model.score_tokens(tokens, items)                                            # [B, C]
             _, top = masked_topk(scores, max(KS), users.mask_indptr, users.mask_items, row_offset=start)
             tops.append(top)
     return topk_metrics(torch.cat(tops).numpy(), users.gt_indptr, users.gt_items, ks=KS, metrics=("Recall",))
@@ -55,9 +51,8 @@ def main(argv=None):
     params = load_config(args.config, args.expid)
     _, feature_map, corpus, train, valid, test = open_data(params)
     model = get_model(params["model"])(feature_map, **params)
-    if model.scorer.interaction not in PAIRWISE_INTERACTIONS:
-        raise ValueError(f"{args.expid}: interaction={model.scorer.interaction!r}; this benchmark needs one of "
-                         f"{list(PAIRWISE_INTERACTIONS)}")
+    if not hasattr(model, "score_tokens"):
+        raise ValueError(f"{args.expid}: model={params['model']!r}; this benchmark needs a SparCode expid")
     if not os.path.exists(model.checkpoint):
         raise FileNotFoundError(f"{model.checkpoint}: no checkpoint; run `python run_expid.py --expid {args.expid}`")
     model.set_item_corpus(corpus, train.item_counts(corpus.num_items))

@@ -39,8 +39,11 @@ from model_zoo.results import load_result_if_current  # noqa: E402
 # sampled user histories (dataset demo_sample, `train_history: user_sample`).
 DEFAULT_EXPIDS = ("DSSM_demo_001", "DSSM_demo_item_history", "SparCode_demo_001", "SparCode_demo_commitment_only",
                   "SparCode_demo_dot", "DSSM_demo_sample", "SparCode_demo_sample")
-# (SparCode expid, DSSM expid) trained on the same data: their per-seed difference is reported.
-PAIRS = (("SparCode_demo_dot", "DSSM_demo_001"), ("SparCode_demo_sample", "DSSM_demo_sample"))
+# (expid, expid it is compared with, table title): the per-seed difference of each pair is reported.
+PAIRS = (("SparCode_demo_dot", "DSSM_demo_001", "SparCode_demo_dot minus DSSM_demo_001"),
+         ("SparCode_demo_sample", "DSSM_demo_sample", "SparCode_demo_sample minus DSSM_demo_sample"),
+         ("SparCode_demo_001", "SparCode_demo_commitment_only",
+          "straight_through (SparCode_demo_001) minus commitment_only"))
 METRICS = ("Recall(k=50)", "NDCG(k=50)", "Recall(k=20)", "NDCG(k=20)")
 
 
@@ -188,25 +191,15 @@ def markdown(rows, command, seeds, provenance=""):
                 values = [row[name] for row in own]
                 cells.append(f"{statistics.mean(values):.4f} ± {statistics.pstdev(values):.4f}")
             lines.append(f"| {expid} | {' | '.join(cells)} |")
-    for sparcode, dssm in PAIRS:
-        left = {row["seed"]: row for row in rows if row["expid"] == sparcode}
-        right = {row["seed"]: row for row in rows if row["expid"] == dssm}
+    for left_expid, right_expid, title in PAIRS:
+        left = {row["seed"]: row for row in rows if row["expid"] == left_expid}
+        right = {row["seed"]: row for row in rows if row["expid"] == right_expid}
         common = sorted(set(left) & set(right))
         if common:
-            lines += ["", f"{sparcode} minus {dssm}, same seeds:", "",
-                      "| seed | Δ test Recall@50 | Δ test NDCG@50 |", "|---|---|---|"]
+            lines += ["", f"{title}, same seeds:", "", "| seed | Δ test Recall@50 | Δ test NDCG@50 |", "|---|---|---|"]
             for seed in common:
                 lines.append(f"| {seed} | {left[seed]['Recall(k=50)'] - right[seed]['Recall(k=50)']:+.4f} | "
                              f"{left[seed]['NDCG(k=50)'] - right[seed]['NDCG(k=50)']:+.4f} |")
-    base = {row["seed"]: row for row in rows if row["expid"] == "SparCode_demo_001"}
-    literal = {row["seed"]: row for row in rows if row["expid"] == "SparCode_demo_commitment_only"}
-    common = sorted(set(base) & set(literal))
-    if common:
-        lines += ["", "straight_through (SparCode_demo_001) minus commitment_only, same seeds:", "",
-                  "| seed | Δ test Recall@50 | Δ test NDCG@50 |", "|---|---|---|"]
-        for seed in common:
-            lines.append(f"| {seed} | {base[seed]['Recall(k=50)'] - literal[seed]['Recall(k=50)']:+.4f} | "
-                         f"{base[seed]['NDCG(k=50)'] - literal[seed]['NDCG(k=50)']:+.4f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -159,6 +159,8 @@ def test_chunked_scores_equal_unchunked(tiny, monkeypatch):
         assert torch.allclose(model.score_matrix(user_repr, items), whole, atol=1e-5)
         assert torch.allclose(model._pair_scores(user_repr[0].reshape(-1, 8), items, item_chunk=7),
                               model._pair_scores(user_repr[0].reshape(-1, 8), items), atol=1e-6)
+        # score_tokens on the quantized tokens = the deduplicated key path of score_matrix
+        assert torch.allclose(model.score_tokens(user_repr[0], items), whole, atol=1e-5)
 
 
 def test_epoch_stats_count_codes_of_the_epoch(tiny):

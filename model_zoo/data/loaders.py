@@ -148,7 +148,10 @@ class TrainLoader:
         codes = items[np.minimum(starts[:, None] + position, len(items) - 1)]                     # [B, W]
         usable = (position < sizes[:, None]) & (codes != targets[:, None] + 1)
         keys = np.where(usable, self.rng.random_sample(codes.shape), 2.0)                         # [B, W]
-        chosen = np.argsort(keys, axis=1)[:, :max_len]                                           # [B, <=L]
+        if width > max_len:                               # the max_len smallest keys, in any order
+            chosen = np.argpartition(keys, max_len - 1, axis=1)[:, :max_len]                       # [B, L]
+        else:
+            chosen = np.broadcast_to(np.arange(width), keys.shape)                                 # [B, W]
         chosen = np.where(np.take_along_axis(usable, chosen, 1), chosen, -1)
         chosen = np.sort(chosen, axis=1)                           # padding (-1) first, then time order
         hist = np.where(chosen >= 0, np.take_along_axis(codes, np.maximum(chosen, 0), 1), 0)

@@ -196,12 +196,17 @@ class SparCode(MatchModel):
     def score_matrix(self, user_repr, item_repr):
         """[B, C]. Without autograd every distinct code is scored once (codes are shared by users)."""
         quantized, keys = user_repr
-        batch, num_tokens, dim = quantized.shape
+        batch, num_tokens, _ = quantized.shape
         if torch.is_grad_enabled():
-            raw = self._pair_scores(quantized.reshape(-1, dim), item_repr)                  # [B * K_u, C]
-        else:
-            unique, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
-            raw = self._pair_scores(self.code_vectors(unique), item_repr)[inverse]          # [B * K_u, C]
+            return self.score_tokens(quantized, item_repr)                                  # [B, C]
+        unique, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
+        raw = self._pair_scores(self.code_vectors(unique), item_repr)[inverse]              # [B * K_u, C]
+        return self._sparse_sum(raw.view(batch, num_tokens, -1).transpose(1, 2))            # [B, C]
+
+    def score_tokens(self, tokens, item_repr):
+        """Eq. 10-11 for any token vectors (quantized or not): tokens [B, K_u, D_T], items [C, K_c, D_T] -> [B, C]."""
+        batch, num_tokens, dim = tokens.shape
+        raw = self._pair_scores(tokens.reshape(-1, dim), item_repr)                         # [B * K_u, C]
         return self._sparse_sum(raw.view(batch, num_tokens, -1).transpose(1, 2))            # [B, C]
 
     def auxiliary_loss(self):
