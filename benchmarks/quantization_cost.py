@@ -8,7 +8,7 @@ The quantized variant must reproduce the model's own `evaluate` (checked). Needs
     python run_expid.py --expid SparCode_demo_sample
     python benchmarks/quantization_cost.py --expid SparCode_demo_sample
 
-Writes benchmarks/results/quantization_cost.md.
+Writes benchmarks/results/quantization_cost.md (or --out).
 """
 import argparse
 import os
@@ -70,9 +70,12 @@ def main(argv=None):
     got = rows["quantized tokens (the served codes)"]["test R@50"]
     if abs(reference - got) > 1e-6:
         raise RuntimeError(f"quantized scoring gives test Recall@50 {got:.6f}, model.evaluate {reference:.6f}")
+    command = f"python benchmarks/quantization_cost.py --expid {args.expid}"
+    if os.path.abspath(args.out) != OUTPUT:
+        command += f" --out {os.path.relpath(args.out, ROOT)}"
     columns = [f"{s} R@{k}" for s in ("valid", "test") for k in KS]
     lines = [f"# Cost of SparCode's quantizer: {args.expid}", "",
-             f"From `python benchmarks/quantization_cost.py --expid {args.expid}` on the checkpoint "
+             f"From `{command}` on the checkpoint "
              f"`{os.path.relpath(model.checkpoint, ROOT)}` (module docstring). The quantized row reproduces "
              f"model.evaluate (test Recall@50 {reference:.4f}).", "",
              "| tokens | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]

@@ -36,12 +36,16 @@ from model_zoo.results import load_result_if_current  # noqa: E402
 
 # DSSM with its tuned inputs and with the item-feature history SparCode reads; SparCode as the issue specifies
 # it (innerp_dnn), its commitment_only twin, and its best variant (the dot scorer); then both trained on
-# sampled user histories (dataset demo_sample, `train_history: user_sample`).
+# sampled user histories (dataset demo_sample, `train_history: user_sample`), SparCode also with frozen codes
+# after its warm-up (SparCode_demo_sample_frozen).
 DEFAULT_EXPIDS = ("DSSM_demo_001", "DSSM_demo_item_history", "SparCode_demo_001", "SparCode_demo_commitment_only",
-                  "SparCode_demo_dot", "DSSM_demo_sample", "SparCode_demo_sample")
+                  "SparCode_demo_dot", "DSSM_demo_sample", "SparCode_demo_sample", "SparCode_demo_sample_frozen")
 # (expid, expid it is compared with, table title): the per-seed difference of each pair is reported.
 PAIRS = (("SparCode_demo_dot", "DSSM_demo_001", "SparCode_demo_dot minus DSSM_demo_001"),
          ("SparCode_demo_sample", "DSSM_demo_sample", "SparCode_demo_sample minus DSSM_demo_sample"),
+         ("SparCode_demo_sample_frozen", "DSSM_demo_sample", "SparCode_demo_sample_frozen minus DSSM_demo_sample"),
+         ("SparCode_demo_sample_frozen", "SparCode_demo_sample", "frozen codes after the warm-up (SparCode_demo_sample_frozen) "
+          "minus SparCode_demo_sample"),
          ("SparCode_demo_001", "SparCode_demo_commitment_only",
           "straight_through (SparCode_demo_001) minus commitment_only"))
 METRICS = ("Recall(k=50)", "NDCG(k=50)", "Recall(k=20)", "NDCG(k=20)")

@@ -200,6 +200,28 @@ def test_eval_mode_does_not_update_buffers():
     assert bool(quantizer.initialized)
 
 
+def test_frozen_codebooks_count_usage_but_never_move():
+    torch.manual_seed(5)
+    quantizer = ProductQuantizer(token_dim=8, num_codebooks=2, codebook_size=4, kmeans_init=True,
+                                 dead_code_threshold=0.9)
+    quantizer.train()
+    quantizer(torch.randn(16, 2, 8))                        # k-means init + one EMA step
+    quantizer.codebook_usage(reset=True)
+    quantizer.freeze_codebooks = True
+    before = {name: value.clone() for name, value in quantizer.state_dict().items()}
+    tokens = torch.randn(5, 2, 8) * 10                      # far away: would move codewords and restart dead ones
+    _, codes, _ = quantizer(tokens)
+    _, again, _ = quantizer(tokens)
+    for name, value in quantizer.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert torch.equal(codes, again)
+    usage = quantizer.codebook_usage()
+    assert usage["tokens_seen"] == 2 * 5 * 2 and usage["restarts"] == [0, 0]
+    quantizer.freeze_codebooks = False
+    quantizer(tokens)
+    assert not torch.equal(quantizer.codebooks, before["codebooks"])
+
+
 def test_dead_codewords_are_restarted_and_counted():
     torch.manual_seed(5)
     quantizer = ProductQuantizer(token_dim=2, num_codebooks=1, codebook_size=4, decay=0.5,

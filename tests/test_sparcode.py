@@ -318,6 +318,41 @@ def test_quantizer_warmup_feeds_tokens_then_codewords(tiny, mode):
         _model(tiny, quantizer_warmup_steps=-1)
 
 
+def test_freeze_codes_after_warmup_trains_only_the_item_side(tiny):
+    model = _model(tiny, quantizer_warmup_steps=2, freeze_codes_after_warmup=True, net_dropout=0.5,
+                   item_hidden_units=[8])
+    _train_steps(model, tiny, steps=2)                     # warm-up: everything trains, codebooks follow
+    assert not model.codes_frozen
+    user_side = {name: value.clone() for name, value in model.state_dict().items()
+                 if name.split(".")[0] in ("embedding", "tokenizer", "quantizer")}
+    item_side = {name: value.clone() for name, value in model.named_parameters()
+                 if name.split(".")[0] in ("item_encoder", "item_heads", "bias")}
+    batch, positives = _batch(tiny)
+    model.eval()
+    with torch.no_grad():
+        keys_before = model.encode_users(batch)[1]
+    _train_steps(model, tiny, steps=3)
+    assert model.codes_frozen and model.train_steps == 5
+    assert not model.tokenizer.training and model.item_encoder.training   # no dropout on the frozen side
+    for name, value in model.state_dict().items():
+        if name in user_side:
+            assert torch.equal(value, user_side[name]), name
+    assert all(not torch.equal(value, item_side[name]) for name, value in model.named_parameters()
+               if name in item_side)
+    model.eval()
+    with torch.no_grad():
+        quantized, keys = model.encode_users(batch)
+    assert torch.equal(keys, keys_before) and torch.equal(quantized, model.code_vectors(keys))
+    model.train()                                          # a training forward feeds the codewords
+    quantized, keys = model.encode_users(batch)
+    assert torch.equal(quantized, model.code_vectors(keys)) and model.auxiliary_loss() == 0.0
+    assert model.epoch_stats()["codeword_restarts"] == [0, 0]
+    with pytest.raises(ValueError, match="freeze_codes_after_warmup=True needs quantizer_warmup_steps > 0"):
+        _model(tiny, freeze_codes_after_warmup=True)
+    with pytest.raises(ValueError, match="freeze_codes_after_warmup='yes'"):
+        _model(tiny, quantizer_warmup_steps=2, freeze_codes_after_warmup="yes")
+
+
 def test_history_features_item_embeds_history_through_item_fields(tiny):
     from model_zoo.data.feature_processor import HISTORY_FEATURE
     from model_zoo.layers.field_embedding import FieldEmbedding

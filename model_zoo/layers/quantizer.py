@@ -24,6 +24,10 @@ sub-vector). N_k is the smoothed number of sub-vectors the codeword receives per
 unused codeword is restarted after about 460 training steps. The threshold must lie in [0, 1) (0
 disables restarts) so that a restarted codeword (N_k = 1) is not immediately dead again.
 
+Frozen codebooks: with ``freeze_codebooks = True`` a training forward counts codeword usage but runs
+no EMA step and no restart (``freeze_codebook`` of vector-quantize-pytorch); the codebooks stay as they
+are, so a fixed token keeps its code.
+
 Gradients (``gradient_mode``):
 - ``"straight_through"`` (default): the returned vector is ``q + (tokens - tokens.detach())``; its value is
   exactly the codeword q (bit-identical to ``decode(codes)``, so training scores and index scores agree),
@@ -135,6 +139,9 @@ class ProductQuantizer(nn.Module):
                                     dtype=torch.long)
         self.register_buffer("place_values", place_values, persistent=False)             # [M]
         self.last_raw_commitment = None
+        # True: training forwards still count codeword usage but move no codeword (no EMA step, no
+        # restart), so every token keeps its code. Set by the model (not saved in checkpoints).
+        self.freeze_codebooks = False
 
     # ------------------------------------------------------------------ quantization
     def _split(self, tokens):
@@ -184,7 +191,7 @@ class ProductQuantizer(nn.Module):
                 over tokens and sub-vectors (Eq. 13).
         """
         sub_vectors = self._split(tokens)                                              # [P, M, d]
-        if self.training and not bool(self.initialized):
+        if self.training and not self.freeze_codebooks and not bool(self.initialized):
             self._kmeans_initialize(sub_vectors.detach())
         with torch.no_grad():
             codes = self._nearest(sub_vectors)                                         # [P, M]
@@ -203,7 +210,10 @@ class ProductQuantizer(nn.Module):
         else:
             quantized_out = quantized
         if self.training:
-            self._ema_update(sub_vectors.detach(), codes)
+            if self.freeze_codebooks:
+                self.usage_counts += self._assignment_counts(codes)
+            else:
+                self._ema_update(sub_vectors.detach(), codes)
         codes = codes.reshape(*tokens.shape[:-1], self.num_codebooks)
         return quantized_out, codes, commit_loss
 
@@ -226,16 +236,25 @@ class ProductQuantizer(nn.Module):
         return scale * rotated
 
     # ------------------------------------------------------------------ codebook updates
+    def _flat_index(self, codes):
+        """[P, M] codes -> [P*M] positions in the flattened [M * N] codeword axis."""
+        return (codes + torch.arange(self.num_codebooks, device=codes.device) * self.codebook_size).reshape(-1)
+
+    @torch.no_grad()
+    def _assignment_counts(self, codes):
+        """Sub-vectors assigned to every codeword: [P, M] -> [M, N] float32."""
+        counts = torch.zeros(self.num_codebooks * self.codebook_size, device=codes.device)
+        flat_index = self._flat_index(codes)                                           # [P*M]
+        counts.index_add_(0, flat_index, torch.ones_like(flat_index, dtype=torch.float32))
+        return counts.view(self.num_codebooks, self.codebook_size)                     # [M, N]
+
     @torch.no_grad()
     def _ema_update(self, sub_vectors, codes):
         """One EMA step (module docstring) + dead-codeword restarts. [P, M, d], [P, M]."""
         num_codes, size = self.num_codebooks, self.codebook_size
-        flat_index = (codes + torch.arange(num_codes, device=codes.device) * size).reshape(-1)   # [P*M]
-        counts = torch.zeros(num_codes * size, device=codes.device)
-        counts.index_add_(0, flat_index, torch.ones_like(flat_index, dtype=torch.float32))
-        counts = counts.view(num_codes, size)                                          # [M, N]
+        counts = self._assignment_counts(codes)                                        # [M, N]
         sums = torch.zeros(num_codes * size, self.sub_dim, device=codes.device)
-        sums.index_add_(0, flat_index, sub_vectors.reshape(-1, self.sub_dim))
+        sums.index_add_(0, self._flat_index(codes), sub_vectors.reshape(-1, self.sub_dim))
         sums = sums.view(num_codes, size, self.sub_dim)                                # [M, N, d]
 
         self.usage_counts += counts

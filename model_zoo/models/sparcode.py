@@ -9,6 +9,7 @@ codes, so evaluation scores each distinct code once, and an index can be built f
 `score_codes` without running the tokenizer.
 """
 import contextlib
+import logging
 
 import torch
 from torch import nn
@@ -51,6 +52,11 @@ class SparCode(MatchModel):
         quantizer_warmup_steps: training steps during which the scorer is fed the unquantized tokens
             (the quantizer runs, its codebooks follow the tokens, evaluation uses the codes). 0 (default)
             quantizes from the first step as in the paper.
+        freeze_codes_after_warmup: after the warm-up, freeze the user side (field embeddings, tokenizer and
+            codebooks, so every user's codes stay fixed) and train only the item side (item encoder, item
+            heads, scorer) and b, on the quantized tokens. Default False: after the warm-up everything
+            trains on the quantized tokens through `quantizer_grad`, as in the paper. Needs
+            quantizer_warmup_steps > 0.
         interaction: scorer, "dot" | "maxsim" | "crossnet" | "dnn" | "innerp_dnn" (default, Eq. 9).
         hidden_units: MLP of the "dnn" / "innerp_dnn" scorer. Default [256, 256, 256] (paper).
         scorer_linear_skip: "innerp_dnn" only: add a weighted dot product (a linear map of the products) to
@@ -74,7 +80,8 @@ class SparCode(MatchModel):
     def __init__(self, feature_map, model_id="SparCode", embedding_dim=64, tokenizer="dnn", token_heads="linear",
                  num_query_tokens=2, num_item_tokens=2, token_dim=None, num_codebooks=2, codebook_size=256,
                  codebook_decay=0.99, commitment_weight=0.25, quantizer_grad="straight_through",
-                 dead_code_threshold=1e-2, kmeans_init=True, quantizer_warmup_steps=0, interaction="innerp_dnn",
+                 dead_code_threshold=1e-2, kmeans_init=True, quantizer_warmup_steps=0,
+                 freeze_codes_after_warmup=False, interaction="innerp_dnn",
                  scorer_linear_skip=False, hidden_units=(256, 256, 256), tokenizer_hidden_units=(256,),
                  item_hidden_units=(), hidden_activations="ReLU", sparse_bias_init=1.0, net_dropout=0.1, num_layers=2,
                  num_heads=1, normalize_tokens=True, **kwargs):
@@ -124,7 +131,13 @@ class SparCode(MatchModel):
         if isinstance(quantizer_warmup_steps, bool) or not isinstance(quantizer_warmup_steps, int) \
                 or quantizer_warmup_steps < 0:
             raise ValueError(f"SparCode: quantizer_warmup_steps={quantizer_warmup_steps!r}; expected an int >= 0")
+        if not isinstance(freeze_codes_after_warmup, bool):
+            raise ValueError(f"SparCode: freeze_codes_after_warmup={freeze_codes_after_warmup!r}; expected true or false")
+        if freeze_codes_after_warmup and quantizer_warmup_steps == 0:
+            raise ValueError("SparCode: freeze_codes_after_warmup=True needs quantizer_warmup_steps > 0 (the user "
+                             "side is frozen when the warm-up ends); got quantizer_warmup_steps=0")
         self.quantizer_warmup_steps, self.train_steps = quantizer_warmup_steps, 0
+        self.freeze_codes_after_warmup, self.codes_frozen = freeze_codes_after_warmup, False
         self._commit_loss, self._epoch_keys, self._epoch_commit, self._zero_scores = None, [], [], [0, 0]
         self.compile()
         self.reset_parameters()
@@ -147,20 +160,42 @@ class SparCode(MatchModel):
 
         During the first `quantizer_warmup_steps` training calls the scorer gets the tokens themselves
         (detached under commitment_only) while the quantizer still runs and its codebooks track them.
+        With `freeze_codes_after_warmup`, later calls run the frozen user side without autograd.
         """
-        tokens = self.user_tokens(inputs)                                                   # [B, K_u, D_T]
+        if self.training and self.freeze_codes_after_warmup and self.train_steps >= self.quantizer_warmup_steps:
+            self.freeze_user_side()
+        with torch.no_grad() if self.codes_frozen else contextlib.nullcontext():
+            tokens = self.user_tokens(inputs)                                               # [B, K_u, D_T]
         quantized, codes, commit_loss = self.quantizer(tokens)
         keys = self.quantizer.pack_keys(codes)                                              # [B, K_u]
         if self.training:
             if self.train_steps < self.quantizer_warmup_steps:
                 quantized = tokens if self.quantizer.gradient_mode != "commitment_only" else tokens.detach()
             self.train_steps += 1
-            self._commit_loss = commit_loss
+            self._commit_loss = None if self.codes_frozen else commit_loss                # frozen: a constant
             self._epoch_commit.append(float(self.quantizer.last_raw_commitment))
             self._epoch_keys.append(torch.unique(keys))
             if len(self._epoch_keys) >= 64:
                 self._epoch_keys = [torch.unique(torch.cat(self._epoch_keys))]
         return quantized, keys
+
+    def freeze_user_side(self):
+        """Freeze the field embeddings, the tokenizer (eval mode: no dropout) and the codebooks; idempotent."""
+        if self.codes_frozen:
+            return
+        for module in (self.embedding, self.tokenizer):
+            module.requires_grad_(False)
+        self.quantizer.freeze_codebooks = self.codes_frozen = True
+        self.train(self.training)
+        logging.info(f"{self.model_id}: step {self.train_steps}: user side frozen (embeddings, tokenizer, codebooks); "
+                     f"the item side and b now train on the quantized tokens")
+
+    def train(self, mode=True):
+        super().train(mode)
+        if getattr(self, "codes_frozen", False):
+            self.embedding.eval()
+            self.tokenizer.eval()
+        return self
 
     def encode_items(self, inputs):
         encoded = self.item_encoder(self.embedding.fields(inputs, "item").flatten(1))      # [C, H_item]
