@@ -44,8 +44,8 @@ DEFAULT_EXPIDS = ("DSSM_demo_001", "DSSM_demo_item_history", "SparCode_demo_001"
 PAIRS = (("SparCode_demo_dot", "DSSM_demo_001", "SparCode_demo_dot minus DSSM_demo_001"),
          ("SparCode_demo_sample", "DSSM_demo_sample", "SparCode_demo_sample minus DSSM_demo_sample"),
          ("SparCode_demo_sample_frozen", "DSSM_demo_sample", "SparCode_demo_sample_frozen minus DSSM_demo_sample"),
-         ("SparCode_demo_sample_frozen", "SparCode_demo_sample", "frozen codes after the warm-up (SparCode_demo_sample_frozen) "
-          "minus SparCode_demo_sample"),
+         ("SparCode_demo_sample_frozen", "SparCode_demo_sample",
+          "frozen codes after the warm-up (SparCode_demo_sample_frozen) minus SparCode_demo_sample"),
          ("SparCode_demo_001", "SparCode_demo_commitment_only",
           "straight_through (SparCode_demo_001) minus commitment_only"))
 METRICS = ("Recall(k=50)", "NDCG(k=50)", "Recall(k=20)", "NDCG(k=20)")

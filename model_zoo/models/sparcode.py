@@ -52,11 +52,11 @@ class SparCode(MatchModel):
         quantizer_warmup_steps: training steps during which the scorer is fed the unquantized tokens
             (the quantizer runs, its codebooks follow the tokens, evaluation uses the codes). 0 (default)
             quantizes from the first step as in the paper.
-        freeze_codes_after_warmup: after the warm-up, freeze the user side (field embeddings, tokenizer and
-            codebooks, so every user's codes stay fixed) and train only the item side (item encoder, item
-            heads, scorer) and b, on the quantized tokens. Default False: after the warm-up everything
-            trains on the quantized tokens through `quantizer_grad`, as in the paper. Needs
-            quantizer_warmup_steps > 0.
+        freeze_codes_after_warmup: after the warm-up, freeze the user side (the field embeddings, which the
+            item side shares, the tokenizer and the codebooks, so every user's codes stay fixed) and train only
+            the item encoder, item heads, scorer and b, on the quantized tokens. Default False: after the
+            warm-up everything trains on the quantized tokens through `quantizer_grad`, as in the paper.
+            Needs quantizer_warmup_steps > 0.
         interaction: scorer, "dot" | "maxsim" | "crossnet" | "dnn" | "innerp_dnn" (default, Eq. 9).
         hidden_units: MLP of the "dnn" / "innerp_dnn" scorer. Default [256, 256, 256] (paper).
         scorer_linear_skip: "innerp_dnn" only: add a weighted dot product (a linear map of the products) to
@@ -132,7 +132,8 @@ class SparCode(MatchModel):
                 or quantizer_warmup_steps < 0:
             raise ValueError(f"SparCode: quantizer_warmup_steps={quantizer_warmup_steps!r}; expected an int >= 0")
         if not isinstance(freeze_codes_after_warmup, bool):
-            raise ValueError(f"SparCode: freeze_codes_after_warmup={freeze_codes_after_warmup!r}; expected true or false")
+            raise ValueError(f"SparCode: freeze_codes_after_warmup={freeze_codes_after_warmup!r}; "
+                             f"expected true or false")
         if freeze_codes_after_warmup and quantizer_warmup_steps == 0:
             raise ValueError("SparCode: freeze_codes_after_warmup=True needs quantizer_warmup_steps > 0 (the user "
                              "side is frozen when the warm-up ends); got quantizer_warmup_steps=0")
@@ -187,8 +188,8 @@ class SparCode(MatchModel):
             module.requires_grad_(False)
         self.quantizer.freeze_codebooks = self.codes_frozen = True
         self.train(self.training)
-        logging.info(f"{self.model_id}: step {self.train_steps}: user side frozen (embeddings, tokenizer, codebooks); "
-                     f"the item side and b now train on the quantized tokens")
+        logging.info(f"{self.model_id}: step {self.train_steps}: user side frozen (embeddings, tokenizer, "
+                     f"codebooks); the item side and b now train on the quantized tokens")
 
     def train(self, mode=True):
         super().train(mode)
