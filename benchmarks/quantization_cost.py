@@ -58,8 +58,7 @@ def main(argv=None):
     model.set_item_corpus(corpus, train.item_counts(corpus.num_items))
     model.load_weights(model.checkpoint)
     model.eval()
-    with torch.no_grad():
-        items = model.encode_items(corpus.gather(torch.arange(corpus.num_items)))                 # [C, K_c, D_T]
+    items = model.all_item_repr()                                                                 # [C, K_c, D_T]
     rows = {}
     for name, users in (("valid", valid), ("test", test)):
         for quantize in (True, False):
