@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from model_zoo.config import load_config  # noqa: E402
 from model_zoo.data.demo import simulate_demo  # noqa: E402
-from model_zoo.experiment import open_data  # noqa: E402
+from model_zoo.engine.experiment import open_data  # noqa: E402
 from model_zoo.retrieval.exact import masked_topk  # noqa: E402
 from model_zoo.retrieval.metrics import topk_metrics  # noqa: E402
 

@@ -104,7 +104,7 @@ def matches(result, wanted, path):
 
 def run_one(args, expid):
     """Run one expid in a temporary config folder (FuxiCTR's result csv lands there too)."""
-    from model_zoo.experiment import run_experiment
+    from model_zoo.engine.experiment import run_experiment
     folder = tempfile.mkdtemp(prefix="oracle_comparison_")
     here = os.getcwd()
     try:

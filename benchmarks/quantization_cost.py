@@ -3,7 +3,7 @@
 
 Both variants use the same trained tokenizer, item encoder, scorer and sparse bias b (Eq. 10-11:
 sum_k relu(S(token_k, item) + b)) and the models' evaluation protocol (history masked, every item ranked).
-The quantized variant must reproduce the model's own `evaluate` (checked). Needs a trained checkpoint:
+The quantized variant must reproduce the engine's exact evaluation (Evaluator, checked). Needs a trained checkpoint:
 
     python run_expid.py --expid SparCode_demo_sample
     python benchmarks/quantization_cost.py --expid SparCode_demo_sample
@@ -19,8 +19,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from model_zoo import get_model  # noqa: E402
+from model_zoo.base import CodeIndexable  # noqa: E402
 from model_zoo.config import load_config  # noqa: E402
-from model_zoo.experiment import open_data  # noqa: E402
+from model_zoo.engine.evaluator import Evaluator  # noqa: E402
+from model_zoo.engine.experiment import open_data  # noqa: E402
 from model_zoo.retrieval.exact import masked_topk  # noqa: E402
 from model_zoo.retrieval.metrics import topk_metrics  # noqa: E402
 
@@ -51,7 +53,7 @@ def main(argv=None):
     params = load_config(args.config, args.expid)
     _, feature_map, corpus, train, valid, test = open_data(params)
     model = get_model(params["model"])(feature_map, **params)
-    if not hasattr(model, "score_tokens"):
+    if not isinstance(model, CodeIndexable):
         raise ValueError(f"{args.expid}: model={params['model']!r}; this benchmark needs a SparCode expid")
     if not os.path.exists(model.checkpoint):
         raise FileNotFoundError(f"{model.checkpoint}: no checkpoint; run `python run_expid.py --expid {args.expid}`")
@@ -65,10 +67,11 @@ def main(argv=None):
             label = "quantized tokens (the served codes)" if quantize else "unquantized tokens"
             metrics = recall(model, users, items, quantize)
             rows.setdefault(label, {}).update({f"{name} R@{k}": metrics[f"Recall(k={k})"] for k in KS})
-    reference = model.evaluate(test)["Recall(k=50)"]
+    reference = Evaluator(["Recall(k=50)"], params["precision_denominator"], params["eval_batch_size"],
+                          verbose=False).evaluate(model, test)["Recall(k=50)"]
     got = rows["quantized tokens (the served codes)"]["test R@50"]
     if abs(reference - got) > 1e-6:
-        raise RuntimeError(f"quantized scoring gives test Recall@50 {got:.6f}, model.evaluate {reference:.6f}")
+        raise RuntimeError(f"quantized scoring gives test Recall@50 {got:.6f}, the Evaluator {reference:.6f}")
     command = f"python benchmarks/quantization_cost.py --expid {args.expid}"
     if os.path.abspath(args.out) != OUTPUT:
         command += f" --out {os.path.relpath(args.out, ROOT)}"
@@ -76,7 +79,7 @@ def main(argv=None):
     lines = [f"# Cost of SparCode's quantizer: {args.expid}", "",
              f"From `{command}` on the checkpoint "
              f"`{os.path.relpath(model.checkpoint, ROOT)}` (module docstring). The quantized row reproduces "
-             f"model.evaluate (test Recall@50 {reference:.4f}).", "",
+             f"the exact evaluation (test Recall@50 {reference:.4f}).", "",
              "| tokens | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     lines += [f"| {label} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |" for label, row in rows.items()]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -35,12 +35,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._timing import timed_round_robin  # noqa: E402
 from model_zoo.retrieval import _merge  # noqa: E402
-from model_zoo.retrieval.sparse_index import (  # noqa: E402
-    SparseCodeIndex,
-    choose_bias_for_sparsity,
-    unpack_keys,
-)
+from model_zoo.retrieval.code_keys import unpack_keys  # noqa: E402
+from model_zoo.retrieval.faiss_index import FaissRetriever  # noqa: E402
+from model_zoo.retrieval.sparse_index import SparseCodeIndex  # noqa: E402
+from model_zoo.retrieval.sparsity import choose_bias_for_sparsity  # noqa: E402
 
 DESIGN_TARGET_US = 50.0
 
@@ -84,38 +84,6 @@ def build_sparse_index(args, rng):
     tokens = np.concatenate([codebooks[m][codes[:, m]] for m in range(M)], axis=1)  # [N^M, d]
     tokens /= np.linalg.norm(tokens, axis=1, keepdims=True)
     return codebooks, torch.from_numpy(tokens)
-
-
-def timed_round_robin(methods, queries, warmup, block=100):
-    """Time fn(query) for every method.
-
-    The first `warmup` queries are run but not recorded. The queries are split into blocks of `block`;
-    each method answers a whole block in a row (warm caches, like a server doing only that), and the
-    methods take turns block by block, so load changes on a shared machine hit them alike.
-
-    Returns:
-        {name: (wall seconds per call [n_timed], thread CPU seconds per call averaged per block [n_blocks])}.
-        Wall time is the latency a caller sees (it includes time the process waits for a core on a
-        loaded machine); CPU time is the work done by this thread (read once per block, so the clock
-        call costs nothing per query).
-    """
-    queries = list(queries)
-    wall = {name: [] for name in methods}
-    cpu = {name: [] for name in methods}
-    for name, fn in methods.items():
-        for query in queries[:warmup]:
-            fn(query)
-    timed = queries[warmup:]
-    for start in range(0, len(timed), block):
-        chunk = timed[start:start + block]
-        for name, fn in methods.items():
-            cpu_start = time.thread_time_ns()
-            for query in chunk:
-                t0 = time.perf_counter_ns()
-                fn(query)
-                wall[name].append((time.perf_counter_ns() - t0) * 1e-9)
-            cpu[name].append((time.thread_time_ns() - cpu_start) * 1e-9 / len(chunk))
-    return {name: (np.array(wall[name]), np.array(cpu[name])) for name in methods}
 
 
 def recall_against(reference_ids, ids):
@@ -208,12 +176,8 @@ def main(argv=None):
     methods["faiss IndexFlatIP"] = lambda i: flat.search(user_vectors[i:i + 1], k)
     methods["faiss IndexIVFPQ"] = lambda i: ivfpq.search(user_vectors[i:i + 1], k)
     methods["faiss IndexHNSWFlat"] = lambda i: hnsw.search(user_vectors[i:i + 1], k)
-    try:
-        from model_zoo.retrieval.faiss_index import FaissRetriever
-        retriever = FaissRetriever("flat_ip", dim=d, num_threads=1).add(items)
-        methods["FaissRetriever(flat_ip)"] = lambda i: retriever.search(user_vectors[i:i + 1], k)
-    except ImportError:
-        retriever = None
+    retriever = FaissRetriever("flat_ip", dim=d, num_threads=1).add(items)
+    methods["FaissRetriever(flat_ip)"] = lambda i: retriever.search(user_vectors[i:i + 1], k)
     sparse_params = (f"M={args.num_codebooks}, N={args.codebook_size}, K_u={args.num_query_tokens}, "
                      f"b~={bias:.4f}, avg {stats['Average Items']:.0f} items/key")
     for name in methods:
@@ -250,8 +214,7 @@ def main(argv=None):
     batch_methods["faiss IndexFlatIP"] = lambda b: flat.search(batch_vectors[b], k)
     batch_methods["faiss IndexIVFPQ"] = lambda b: ivfpq.search(batch_vectors[b], k)
     batch_methods["faiss IndexHNSWFlat"] = lambda b: hnsw.search(batch_vectors[b], k)
-    if retriever is not None:
-        batch_methods["FaissRetriever(flat_ip)"] = lambda b: retriever.search(batch_vectors[b], k)
+    batch_methods["FaissRetriever(flat_ip)"] = lambda b: retriever.search(batch_vectors[b], k)
     unique_batch = {name: fn for name, fn in batch_methods.items() if name != "SparseCodeIndex via search() (numba)"}
     batched = timed_round_robin(unique_batch, range(args.batches + 1), 1, block=1)
     if numba_ok:

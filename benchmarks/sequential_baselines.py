@@ -38,7 +38,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from model_zoo import get_model  # noqa: E402
 from model_zoo.config import load_config  # noqa: E402
-from model_zoo.experiment import open_data  # noqa: E402
+from model_zoo.engine.evaluator import Evaluator  # noqa: E402
+from model_zoo.engine.experiment import open_data  # noqa: E402
 from model_zoo.results import load_result_if_current, result_json_path  # noqa: E402
 from model_zoo.retrieval.metrics import topk_metrics  # noqa: E402
 
@@ -203,7 +204,8 @@ def per_user_metrics(config_dir, run_expid):
     model = get_model(params["model"])(feature_map, **params)
     model.set_item_corpus(corpus, train.item_counts(corpus.num_items))
     model.load_weights(model.checkpoint)
-    topk = model.retrieve(test, PAIRED_K)                                              # [n_users, 50]
+    evaluator = Evaluator(eval_batch_size=params["eval_batch_size"], verbose=False)
+    topk = evaluator.rank(model, test, PAIRED_K)                                       # [n_users, 50]
     out = {m: np.empty(len(test)) for m in PAIRED_METRICS}
     for u in range(len(test)):
         lo, hi = test.gt_indptr[u], test.gt_indptr[u + 1]

@@ -31,7 +31,7 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from model_zoo.config import load_config  # noqa: E402
-from model_zoo.experiment import run_experiment  # noqa: E402
+from model_zoo.engine.experiment import run_experiment  # noqa: E402
 from model_zoo.results import load_result_if_current  # noqa: E402
 
 # DSSM with its tuned inputs and with the item-feature history SparCode reads; SparCode as the issue specifies

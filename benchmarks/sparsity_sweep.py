@@ -2,9 +2,10 @@
 Recall@50 / NDCG@50 through the index, query time.
 
 Steps:
+0. matplotlib (for the plot) is checked before anything else; ``--no-plot`` skips the figure.
 1. A trained SparCode: ``--expid`` (default SparCode_demo_001) of ``--config`` on its dataset (the
-   demo data). The checkpoint in ``--model-root`` is reused when present, else the expid is trained
-   there first (same steps as run_expid: seeded, early stopping on the validation split).
+   demo data). The expid's checkpoint is reused when present, else the expid is run first exactly as
+   ``python run_expid.py --expid <expid>`` does (model_zoo/engine/experiment.py).
 2. The raw code-item scores S of every indexed key (key set as in serving: all N^M keys when
    N^M <= index_max_keys) are computed once and cached; exact SparCode scores of the test users
    (Eq. 11 with the trained b) give the exact top-k.
@@ -12,7 +13,7 @@ Steps:
    on all scores, exact), a SparseCodeIndex is built (no top-L cap, float32) and the test users are
    evaluated through it (their K_u keys, history masked): Recall/NDCG@20/50, recall of the exact
    top-50 (tie-aware), and batch-1 latency of search_one (median / p90 over the test users, one
-   thread, numba kernel; the query tower is excluded like in the paper's Figure 6).
+   thread, numba kernel; the query tower is excluded like in the paper's Figure 6; benchmarks/_timing.py).
 4. Writes ``benchmarks/results/sparsity_sweep.{csv,md,png}``; the markdown names the highest
    sparsity whose Recall@50 through the index is within 1% (relative) of exact scoring.
 
@@ -26,6 +27,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMB
 import argparse  # noqa: E402
 import csv  # noqa: E402
 import datetime  # noqa: E402
+import importlib.util  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -34,16 +36,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fuxictr.pytorch.torch_utils import seed_everything  # noqa: E402
-
+from benchmarks._timing import percentiles_us, time_calls, user_mask  # noqa: E402
 from model_zoo import get_model  # noqa: E402
 from model_zoo.config import load_config  # noqa: E402
-from model_zoo.data.loaders import EvalUsers, ItemCorpus, TrainLoader, load_feature_map  # noqa: E402
-from model_zoo.data.pipeline import build_dataset  # noqa: E402
-from model_zoo.retrieval import serving  # noqa: E402
+from model_zoo.engine import serving  # noqa: E402
+from model_zoo.engine.experiment import open_data, run_experiment  # noqa: E402
 from model_zoo.retrieval.exact import masked_topk  # noqa: E402
-from model_zoo.retrieval.metrics import topk_metrics  # noqa: E402
-from model_zoo.retrieval.sparse_index import SparseCodeIndex, choose_bias_for_sparsity  # noqa: E402
+from model_zoo.retrieval.metrics import recall_vs_exact, tie_aware_hits, topk_metrics  # noqa: E402
+from model_zoo.retrieval.sparse_index import SparseCodeIndex  # noqa: E402
+from model_zoo.retrieval.sparsity import choose_bias_for_sparsity  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TARGETS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.96, 0.97, 0.975, 0.98, 0.985, 0.99, 0.995, 0.998, 0.999,
@@ -56,9 +57,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=os.path.join(ROOT, "config"))
     parser.add_argument("--expid", default="SparCode_demo_001")
-    parser.add_argument("--model-root", default=os.path.join(ROOT, "checkpoints", "sparsity_sweep"),
-                        help="checkpoint folder (its own, so runs of the same expid elsewhere do not clash)")
-    parser.add_argument("--retrain", action="store_true", help="train even if the checkpoint exists")
+    parser.add_argument("--retrain", action="store_true", help="train from scratch even if the checkpoint exists")
+    parser.add_argument("--no-plot", action="store_true", help="skip the figure (no matplotlib needed)")
     parser.add_argument("--targets", type=float, nargs="+", default=DEFAULT_TARGETS)
     parser.add_argument("--latency-queries", type=int, default=500, help="test users timed at batch 1")
     parser.add_argument("--train-threads", type=int, default=2, help="torch threads for training and scoring")
@@ -67,29 +67,26 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def check_plotting(args):
+    """Exit with a message before any work when the figure is wanted and matplotlib is missing."""
+    if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
+        sys.exit(f"benchmarks/sparsity_sweep.py draws {args.out}.png with matplotlib, which is not installed: "
+                 f"pip install matplotlib, or pass --no-plot to write only the .csv and .md")
+
+
 def trained_model(args):
     """(model, params, data_dir, test EvalUsers, train seconds or None if the checkpoint was reused)."""
-    params = load_config(args.config, args.expid)
-    params.update(model_root=args.model_root, gpu=-1)
-    seed_everything(params["seed"])
-    data_dir = build_dataset(params)
-    feature_map = load_feature_map(data_dir, params["dataset_id"])
-    corpus = ItemCorpus(os.path.join(data_dir, "item_corpus.h5"), feature_map)
-    train = TrainLoader(os.path.join(data_dir, "train.h5"), feature_map, params["batch_size"], seed=params["seed"],
-                        num_items=corpus.num_items)
-    valid = EvalUsers(os.path.join(data_dir, "valid.h5"), feature_map, corpus.num_items, params["eval_max_users"],
-                      params["seed"])
-    test = EvalUsers(os.path.join(data_dir, "test.h5"), feature_map, corpus.num_items, params["eval_max_users"],
-                     params["seed"])
+    params = dict(load_config(args.config, args.expid), gpu=-1)
+    data_dir, feature_map, corpus, train, _, test = open_data(params)
     model = get_model(params["model"])(feature_map, **params)
     model.set_item_corpus(corpus, train.item_counts(corpus.num_items))
     train_seconds = None
     if args.retrain or not os.path.exists(model.checkpoint):
         started = time.time()
-        model.fit(train, validation_data=valid)
+        run_experiment(args.config, args.expid, fresh=args.retrain,
+                       command=f"python benchmarks/sparsity_sweep.py --expid {args.expid}")
         train_seconds = time.time() - started
-    else:
-        model.load_weights(model.checkpoint)
+    model.load_weights(model.checkpoint)
     model.eval()
     return model, params, data_dir, test, train_seconds
 
@@ -122,37 +119,36 @@ def sweep_point(matrix, keys, bias, source, target, model, test, query_keys, exa
                                   num_codebooks=model.quantizer.num_codebooks,
                                   codebook_size=model.quantizer.codebook_size,
                                   num_query_tokens=query_keys.shape[1], progress=False,
-                                  checkpoint_hash=serving.file_sha256(model.checkpoint),
+                                  checkpoint_hash=serving.checkpoint_sha256(model.checkpoint),
                                   codebooks=model.quantizer.codebooks.detach().cpu().numpy())  # [M, N, D_T/M]
     stats = index.stats()
     lengths = np.diff(index.indptr)                                                     # [n_keys]
     k = max(K_REPORT)
     _, ids = index.search(query_keys, k, test.mask_indptr, test.mask_items)             # [n_users, k]
     scores, top_scores, _ = exact
-    hits, sizes = serving.tie_aware_hits(ids, serving._gather_rows(scores, ids), top_scores, min_score=0.0)
+    hits, sizes = tie_aware_hits(ids, serving.scores_at(scores, ids), top_scores, min_score=0.0)
     users = list(range(min(args.latency_queries, len(test))))
-    masks = [serving._user_mask(test, u) for u in users]
-    times = serving._time_calls(lambda u: index.search_one(query_keys[u], k, masks[u]), users)
+    masks = [user_mask(test, u) for u in users]
+    latency = percentiles_us(time_calls(lambda u: index.search_one(query_keys[u], k, masks[u]), users))
     row = {"bias_source": source, "target_sparsity": target, "sparsity_bias": bias,
            "Sparsity": stats["Sparsity"], "Average Items": stats["Average Items"], "nnz": stats["nnz"],
            "index_bytes": stats["index_bytes"], "build_seconds_from_cache": stats["build_seconds"]}
     row.update(metrics_of(ids, test))
-    row.update({"recall_vs_exact@50": serving._recall(hits, sizes),
-                "query_us_median": float(np.median(times) * 1e6),
-                "query_us_p90": float(np.percentile(times, 90) * 1e6),
+    row.update({"recall_vs_exact@50": recall_vs_exact(hits, sizes),
+                "query_us_median": latency["median"], "query_us_p90": latency["p90"],
                 "postings_per_query_median": float(np.median(lengths[np.searchsorted(keys, query_keys)].sum(1)))})
     return row
 
 
 def main(argv=None):
     args = parse_args(argv)
+    check_plotting(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.train_threads)
     started = time.time()
     load_before = os.getloadavg()
     model, params, data_dir, test, train_seconds = trained_model(args)
-    config = serving.serving_params(params)
-    keys, kind = serving.sparcode_key_set(model, data_dir, config["index_max_keys"])
+    keys, kind = serving.code_key_set(model, data_dir, params["index_max_keys"])
     t0 = time.time()
     with torch.no_grad():
         matrix = score_matrix(model, keys)                                               # [n_keys, n_items]
@@ -205,7 +201,8 @@ def write_results(args, rows, info):
             break
         safe = row
     info["safe_sparsity"] = None if safe is None else safe["Sparsity"]
-    _plot(args.out + ".png", rows, info)
+    if not args.no_plot:
+        _plot(args.out + ".png", rows, info)
     lines = [
         "# SparCode sparsity sweep (paper Sec. 4.4, Figure 6)",
         "",

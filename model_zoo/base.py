@@ -5,39 +5,44 @@ A subclass defines how users and items are encoded and how a (user, item) pair i
 - `encode_users(inputs) -> user_repr`          user-side inputs of a batch
 - `encode_items(inputs) -> item_repr [C, ...]` item-side inputs of C items
 - `score_pairs(user_repr, item_repr [B, C, ...]) -> [B, C]`
-- optionally `score_matrix(user_repr, item_repr [C, ...]) -> [B, C]` (faster for two towers),
-  `auxiliary_loss()` (e.g. the commitment loss) and `epoch_stats()` (logged every epoch).
+- optionally `score_matrix(user_repr, item_repr [C, ...]) -> [B, C]` (faster for two towers) and
+  `auxiliary_loss()` (e.g. the commitment loss).
 
-MatchModel owns the rest: the sampled softmax of Eq. 12 over one positive and shared
-negatives (uniform, popularity or in-batch with logQ correction), `fit` with early stopping
-on a monitored metric and atomic checkpoints, a log line per epoch, and `evaluate` by full
-ranking over the whole item corpus with the user's history items masked.
+MatchModel owns the loss: the sampled softmax of Eq. 12 over one positive and shared negatives
+(uniform, popularity or in-batch with logQ correction), plus the auxiliary and regularization
+terms. Training, evaluation and serving live in the engine (model_zoo/engine/), which asks a model
+what it can serve through the capability classes below, never by probing attributes.
 """
-import logging
 import os
-import resource
-import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from fuxictr.pytorch.models import BaseModel
-from fuxictr.pytorch.torch_utils import get_optimizer
-from tqdm import tqdm
 
-from .config import DATASET_DEFAULTS, TRAINING_DEFAULTS
+from .config import NON_MODEL_KEYS
 from .layers.field_embedding import HISTORY_MODES, FieldEmbedding
 from .data.samplers import NegativeSampler
-from .retrieval.exact import masked_topk
-from .retrieval.metrics import format_metrics, parse_metric_name, topk_metrics
 
-# Keys of the merged config that are not model hyperparameters; a model ignores them.
-NON_MODEL_KEYS = set(DATASET_DEFAULTS) | set(TRAINING_DEFAULTS) | {"_config_file", "_dataset_config_file"}
+class VectorServable:
+    """Capability: a two-tower model served by nearest-neighbour search (faiss).
+
+    `encode_users(inputs) -> [B, d]` and `encode_items(inputs) -> [C, d]` are plain vectors and the
+    score is their dot product, so the item vectors can be put in an ANN index.
+    """
 
 
-def peak_rss_mb():
-    """Peak resident memory of this process in MB (Linux reports KB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+class CodeIndexable:
+    """Capability: a model served from a sparse inverted index code key -> (item, score) (SparCode).
+
+    A subclass provides `quantizer` (num_codebooks, codebook_size), `sparse_bias` (b of Eq. 10),
+    `query_codes(user_inputs) -> keys [n, K_u]` and `score_codes(keys, item_index=None) -> S [n_keys, n_items]`.
+    """
+
+    def query_codes(self, user_inputs):
+        raise NotImplementedError
+
+    def score_codes(self, keys, item_index=None):
+        raise NotImplementedError
 
 
 class MatchModel(BaseModel):
@@ -47,8 +52,6 @@ class MatchModel(BaseModel):
         feature_map: FuxiCTR FeatureMap of the dataset.
         model_id: experiment id; names the checkpoint `<model_root>/<dataset_id>/<model_id>.model`.
         gpu: GPU index, -1 for CPU.
-        learning_rate: Adam learning rate.
-        optimizer: optimizer name understood by FuxiCTR (`adam`, `sgd`, ...).
         temperature: logits are divided by it in the sampled softmax.
         num_negatives: negatives per batch for `uniform` / `popularity` sampling.
         negative_sampler: `uniform`, `popularity` or `in_batch`.
@@ -60,65 +63,36 @@ class MatchModel(BaseModel):
             (layers/field_embedding.py).
         embedding_regularizer: L2 weight on FuxiCTR feature embeddings (0 = off).
         net_regularizer: L2 weight on the other parameters (0 = off).
-        metrics: metric names like `Recall(k=20)` computed at evaluation.
-        monitor: metric used for early stopping and checkpointing.
-        monitor_mode: `max` or `min`.
-        early_stop_patience: epochs without improvement before stopping.
-        epochs: maximum number of epochs.
-        max_steps_per_epoch: cap on training steps per epoch (None = the whole split).
-        eval_batch_size: users scored at once at evaluation.
         model_root: checkpoint folder root.
         seed: seed of the negative sampler.
-        verbose: 0 hides progress bars.
-        **kwargs: the rest of the merged config; a key that is neither a dataset nor a
-            training key raises ValueError naming it.
+        **kwargs: the rest of the merged config (dataset, training and serving keys, which the model
+            ignores); any other key raises ValueError naming it.
     """
     trainable = True
-    # Ranking: (user, item) pairs per block of users (None: eval_batch_size users per block), and
-    # seconds between log lines with progress and remaining time (None: only the tqdm bar, if verbose).
+    # Ranking: (user, item) pairs per block of users (None: the evaluator's batch of users), and seconds
+    # between log lines with ranking progress (None: none); read by engine/evaluator.py.
     eval_pairs_per_block = None
     ranking_log_seconds = None
+    # Trainer callbacks every run of this model gets (name -> kwargs; engine/callbacks.py).
+    default_callbacks = {}
 
-    def __init__(self, feature_map, model_id="MatchModel", gpu=-1, learning_rate=1.e-3, optimizer="adam",
-                 temperature=1.0, num_negatives=100, negative_sampler="uniform", sampler_alpha=0.75,
-                 embedding_init_std=1.e-4, history_features="id", embedding_regularizer=0.0, net_regularizer=0.0,
-                 metrics=TRAINING_DEFAULTS["metrics"],
-                 monitor="Recall(k=20)", monitor_mode="max", early_stop_patience=2, epochs=10,
-                 max_steps_per_epoch=None, eval_batch_size=512, model_root="./checkpoints/", seed=2023,
-                 verbose=1, **kwargs):
+    def __init__(self, feature_map, model_id="MatchModel", gpu=-1, temperature=1.0, num_negatives=100,
+                 negative_sampler="uniform", sampler_alpha=0.75, embedding_init_std=1.e-4, history_features="id",
+                 embedding_regularizer=0.0, net_regularizer=0.0, model_root="./checkpoints/", seed=2023, **kwargs):
         unknown = sorted(set(kwargs) - NON_MODEL_KEYS)
         if unknown:
             raise ValueError(f"{type(self).__name__}: unknown hyperparameter(s) {unknown}; "
                              f"see the README's configuration reference")
-        if monitor_mode not in ("max", "min"):
-            raise ValueError(f"monitor_mode={monitor_mode!r}; expected 'max' or 'min'")
-        if temperature <= 0:
-            raise ValueError(f"temperature={temperature}; expected > 0")
-        if isinstance(embedding_init_std, bool) or not isinstance(embedding_init_std, (int, float)) \
-                or not embedding_init_std > 0:
-            raise ValueError(f"embedding_init_std={embedding_init_std!r}; expected a number > 0")
-        if history_features not in HISTORY_MODES:
-            raise ValueError(f"history_features={history_features!r}; expected one of {list(HISTORY_MODES)}")
-        self.metric_names = list(metrics)
-        parsed = [parse_metric_name(m) for m in self.metric_names]
-        if monitor not in self.metric_names:
-            raise ValueError(f"monitor={monitor!r} is not among metrics={self.metric_names}")
-        super().__init__(feature_map, model_id=model_id, task="regression", gpu=gpu, monitor=monitor,
-                         monitor_mode=monitor_mode, early_stop_patience=early_stop_patience,
+        super().__init__(feature_map, model_id=model_id, task="regression", gpu=gpu,
                          embedding_regularizer=embedding_regularizer or None,
                          net_regularizer=net_regularizer or None, reduce_lr_on_plateau=False,
-                         verbose=verbose, model_root=model_root, metrics=self.metric_names)
-        self.metric_kinds = sorted({name for name, _ in parsed})
-        self.metric_ks = sorted({k for _, k in parsed})
-        self.monitor_name = monitor
-        self.learning_rate, self.optimizer_name = learning_rate, optimizer
-        self.temperature, self.epochs, self.max_steps_per_epoch = temperature, epochs, max_steps_per_epoch
+                         model_root=model_root, verbose=0, metrics=[])
+        self.temperature = temperature
         self.num_negatives, self.negative_sampler, self.sampler_alpha = num_negatives, negative_sampler, sampler_alpha
-        self.eval_batch_size, self.seed = eval_batch_size, seed
+        self.seed = seed
         self.embedding_init_std = float(embedding_init_std)
         self.history_features = history_features
-        self.precision_denominator = kwargs.get("precision_denominator", "k")
-        self.item_corpus, self.sampler, self.history = None, None, []
+        self.item_corpus, self.sampler = None, None
 
     # ---- hooks for subclasses -------------------------------------------------------
     def encode_users(self, inputs):
@@ -138,9 +112,6 @@ class MatchModel(BaseModel):
 
     def auxiliary_loss(self):
         return 0.0
-
-    def epoch_stats(self):
-        return {}
 
     # ---- data ---------------------------------------------------------------------
     def set_item_corpus(self, corpus, item_counts=None):
@@ -165,14 +136,20 @@ class MatchModel(BaseModel):
         paired = _map(lambda t: t[inverse.view(item_index.shape)], item_repr)
         return self.score_pairs(self.encode_users(user_inputs), paired)
 
-    # ---- training -----------------------------------------------------------------
-    def compile(self, optimizer=None, loss="sampled_softmax", lr=None):
-        """Adam (or `optimizer`) over the trainable parameters; the loss is always Eq. 12."""
-        if loss != "sampled_softmax":
-            raise ValueError(f"loss={loss!r}; MatchModel trains with 'sampled_softmax'")
-        params = [p for p in self.parameters() if p.requires_grad]
-        if params:
-            self.optimizer = get_optimizer(optimizer or self.optimizer_name, params, lr or self.learning_rate)
+    # ---- loss -----------------------------------------------------------------------
+    def compile(self, *args, **kwargs):
+        """FuxiCTR's compile resolves only its own losses; a MatchModel is trained by engine.Trainer."""
+        raise NotImplementedError(f"{type(self).__name__} is trained by model_zoo.engine.trainer.Trainer "
+                                  f"(it owns the optimizer); the loss is MatchModel.loss")
+
+    def loss(self, batch):
+        """Training loss of a batch (user-side columns + `item_index`, the positives): Eq. 12 + regularization."""
+        user_inputs = dict(batch)
+        positives = user_inputs.pop("item_index")
+        loss = self.sampled_softmax_loss(user_inputs, positives)
+        if self._embedding_regularizer or self._net_regularizer:
+            loss = loss + self.regularization_loss()
+        return loss
 
     def sampled_softmax_loss(self, user_inputs, positives):
         """Eq. 12: softmax over the positive and negatives, plus the model's auxiliary loss.
@@ -202,74 +179,7 @@ class MatchModel(BaseModel):
         logits = logits.masked_fill(duplicate, float("-inf"))
         return F.cross_entropy(logits, labels) + self.auxiliary_loss()
 
-    def train_epoch(self, train_loader):
-        self.train()
-        total, count, examples = 0.0, 0, 0
-        steps = len(train_loader) if self.max_steps_per_epoch is None else min(len(train_loader),
-                                                                              self.max_steps_per_epoch)
-        progress = tqdm(train_loader, total=steps, disable=not self._verbose, desc="train", leave=False)
-        for step, batch in enumerate(progress):
-            if step >= steps:
-                break
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            positives = batch.pop("item_index")
-            self.optimizer.zero_grad()
-            loss = self.sampled_softmax_loss(batch, positives)
-            if self._embedding_regularizer or self._net_regularizer:
-                loss = loss + self.regularization_loss()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{self.model_id}: loss is {loss.item()} at step {step}")
-            loss.backward()
-            self.optimizer.step()
-            total += loss.item()
-            count += 1
-            examples += positives.shape[0]
-            if count % 20 == 0:
-                progress.set_postfix(loss=f"{total / count:.4f}")
-        return total / max(count, 1), examples
-
-    def fit(self, data_generator, epochs=None, validation_data=None, **kwargs):
-        """Train with early stopping on `monitor`; keeps the best weights in the checkpoint."""
-        epochs = self.epochs if epochs is None else epochs
-        os.makedirs(self.model_dir, exist_ok=True)
-        best, patience = None, 0
-        self.history = []
-        if not self.trainable:
-            self.save_weights(self.checkpoint)
-            return self.history
-        for epoch in range(1, epochs + 1):
-            started = time.time()
-            loss, examples = self.train_epoch(data_generator)
-            train_seconds = time.time() - started
-            record = {"epoch": epoch, "loss": loss, "examples_per_second": examples / max(train_seconds, 1e-9),
-                      "train_seconds": train_seconds, "peak_rss_mb": peak_rss_mb()}
-            record.update(self.epoch_stats())
-            if validation_data is not None:
-                record["valid"] = self.evaluate(validation_data)
-                value = record["valid"][self.monitor_name]
-            else:
-                value = -loss
-            logging.info(f"[Epoch {epoch}/{epochs}] loss: {loss:.6f} - {record['examples_per_second']:.0f} "
-                         f"examples/s - peak RSS {record['peak_rss_mb']:.0f} MB - " +
-                         " - ".join(f"{k}: {v}" for k, v in record.items() if k not in
-                                    ("epoch", "loss", "examples_per_second", "peak_rss_mb", "valid",
-                                     "train_seconds")))
-            if validation_data is not None:
-                logging.info(f"[Metrics] {format_metrics(record['valid'])}")
-            self.history.append(record)
-            sign = 1 if self._monitor_mode == "max" or validation_data is None else -1
-            if best is None or sign * value > sign * best + 1e-6:
-                best, patience = value, 0
-                self.save_weights(self.checkpoint)
-                logging.info(f"Save best model: {self.monitor_name} = {value:.6f} -> {self.checkpoint}")
-            else:
-                patience += 1
-                if patience >= self._early_stop_patience:
-                    logging.info(f"Early stopping at epoch {epoch}")
-                    break
-        self.load_weights(self.checkpoint)
-        return self.history
-
+    # ---- checkpoints ----------------------------------------------------------------
     def save_weights(self, checkpoint):
         """Atomic checkpoint: written to a temp name, then renamed."""
         os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
@@ -287,7 +197,7 @@ class MatchModel(BaseModel):
         self.load_state_dict(state)
         self.to(self.device)
 
-    # ---- evaluation -----------------------------------------------------------------
+    # ---- scoring every item -----------------------------------------------------------
     @torch.no_grad()
     def all_item_repr(self, chunk=4096):
         """Representations of every item of the corpus, computed in chunks."""
@@ -304,39 +214,6 @@ class MatchModel(BaseModel):
         n = _leading_dim(item_repr)
         return torch.cat([self.score_matrix(user_repr, _map(lambda t: t[s:s + item_chunk], item_repr))
                           for s in range(0, n, item_chunk)], dim=1)
-
-    @torch.no_grad()
-    def retrieve(self, eval_users, k):
-        """Exact top-k item indices of every evaluation user, history items masked."""
-        self.eval()
-        item_repr = self.all_item_repr()
-        block = self.eval_batch_size
-        if self.eval_pairs_per_block:
-            block = max(1, min(block, self.eval_pairs_per_block // max(self.item_corpus.num_items, 1)))
-        results, num_users = [], len(eval_users)
-        progress = tqdm(total=num_users, unit="user", disable=not self._verbose, desc="rank", leave=False)
-        started = last_log = time.time()
-        for start in range(0, num_users, block):
-            stop = min(start + block, num_users)
-            inputs = {k_: v.to(self.device) for k_, v in eval_users.batch(start, stop).items()}
-            scores = self.full_scores(inputs, item_repr)
-            _, ids = masked_topk(scores, k, eval_users.mask_indptr, eval_users.mask_items, row_offset=start)
-            results.append(ids.cpu().numpy() if torch.is_tensor(ids) else ids)
-            progress.update(stop - start)
-            if self.ranking_log_seconds is not None and time.time() - last_log >= self.ranking_log_seconds:
-                last_log = time.time()
-                elapsed = last_log - started
-                logging.info(f"rank: {stop}/{num_users} users x {self.item_corpus.num_items} items, "
-                             f"{elapsed:.0f} s elapsed, about {elapsed * (num_users - stop) / stop:.0f} s left")
-        progress.close()
-        return np.concatenate(results)
-
-    def evaluate(self, data_generator, metrics=None):
-        """Full-ranking metrics of `data_generator` (an EvalUsers)."""
-        topk = self.retrieve(data_generator, max(self.metric_ks))
-        scores = topk_metrics(topk, data_generator.gt_indptr, data_generator.gt_items, ks=self.metric_ks,
-                              metrics=self.metric_kinds, precision_denominator=self.precision_denominator)
-        return {name: scores[name] for name in (metrics or self.metric_names)}
 
 
 def _leading_dim(repr_):

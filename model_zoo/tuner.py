@@ -29,7 +29,6 @@ with its error and the others go on. Reports: see `model_zoo.results`.
 """
 import difflib
 import hashlib
-import inspect
 import itertools
 import json
 import os
@@ -43,8 +42,8 @@ from dataclasses import dataclass, field
 import yaml
 
 from . import get_model
-from .base import MatchModel
-from .config import DATASET_DEFAULTS, TRAINING_DEFAULTS, load_config, load_dataset_config, load_model_config
+from .config import (DATASET_DEFAULTS, DEFAULTS, KEYS, check_dataset_keys, check_model_keys, load_dataset_config,
+                     load_experiment, load_model_config, model_parameters)
 from .data.pipeline import BUILD_KEYS, build_dataset, data_dir_of
 from .errors import ConfigError
 from .results import (DEFAULT_CONTRIBUTOR, find_index_average_items, find_index_metrics, find_index_sparsity,
@@ -75,7 +74,7 @@ class Combination:
     tuned: dict
     data_id: str
     entry: dict
-    params: dict = field(default_factory=dict)     # merged config (load_config)
+    params: dict = field(default_factory=dict)     # merged, checked config (load_experiment(...).params)
 
 
 @dataclass
@@ -131,24 +130,8 @@ def _absolute(path):
 
 
 def tunable_keys(model_cls):
-    """Dataset and training keys plus the constructor parameters of `model_cls` and its MatchModel bases."""
-    keys = set(DATASET_DEFAULTS) | set(TRAINING_DEFAULTS)
-    keys |= set(model_parameters(model_cls))
-    return keys
-
-
-def model_parameters(model_cls):
-    """{name: default} of the keyword parameters of every MatchModel class in `model_cls`'s MRO."""
-    params = {}
-    for cls in reversed(model_cls.__mro__):
-        if not (isinstance(cls, type) and issubclass(cls, MatchModel)):
-            continue
-        for name, parameter in inspect.signature(cls.__init__).parameters.items():
-            if name in ("self", "feature_map") or parameter.kind in (parameter.VAR_POSITIONAL,
-                                                                     parameter.VAR_KEYWORD):
-                continue
-            params[name] = parameter.default if parameter.default is not parameter.empty else None
-    return params
+    """Dataset, training and serving keys plus the constructor keywords of `model_cls` and its MatchModel bases."""
+    return set(KEYS) | set(model_parameters(model_cls))
 
 
 def _grid_values(tuner_file, key, value, base_value):
@@ -204,10 +187,7 @@ def _load_base(tuner, tuner_file):
         if not isinstance(inline, dict) or dataset_id not in inline:
             raise ConfigError(f"{tuner_file}: dataset_config has no entry dataset_id={dataset_id}")
         dataset = dict(inline[dataset_id] or {})
-        unknown = sorted(set(dataset) - set(DATASET_DEFAULTS))
-        if unknown:
-            raise ConfigError(f"{tuner_file}: dataset_config.{dataset_id} has unknown key(s) {unknown}; "
-                              f"known keys: {sorted(DATASET_DEFAULTS)}")
+        check_dataset_keys(dataset, f"{tuner_file}: dataset_config.{dataset_id}")
     else:
         dataset = load_dataset_config(base_config, dataset_id)
     dataset = {k: v for k, v in dataset.items() if not k.startswith("_") and k != "dataset_id"}
@@ -218,7 +198,7 @@ def _load_base(tuner, tuner_file):
     for key in ("data_root", "raw_dir"):
         if entry.get(key):                        # a dataset key set in the model entry wins there
             entry[key] = _absolute(entry[key])
-    entry["model_root"] = _absolute(entry.get("model_root", TRAINING_DEFAULTS["model_root"]))
+    entry["model_root"] = _absolute(entry.get("model_root", DEFAULTS["model_root"]))
     return entry, dataset, dataset_id
 
 
@@ -226,7 +206,7 @@ def prepare(tuner_file, output_dir=None):
     """Validate a tuner file and write the generated config folder. Returns a TunerPlan.
 
     Raises ConfigError (naming the key) for an unknown or untunable tuned key, a malformed
-    grid, or a generated expid that `load_config` rejects, before anything runs.
+    grid, or a generated expid that `load_experiment` / `check_model_keys` rejects, before anything runs.
     """
     tuner = _read_yaml_mapping(tuner_file, "tuner file")
     unknown = sorted(set(tuner) - set(TUNER_FILE_KEYS))
@@ -253,14 +233,13 @@ def prepare(tuner_file, output_dir=None):
         hint = "; ".join(f"did you mean {v[0]!r} for {k!r}?" for k, v in hints.items() if v)
         raise ConfigError(f"{tuner_file}: unknown key(s) in tuner_space: {bad}"
                           f"{' (' + hint + ')' if hint else ''}; {entry['model']} hyperparameters are "
-                          f"{sorted(model_parameters(model_cls))} plus the dataset/training keys of "
+                          f"{sorted(model_parameters(model_cls))} plus the dataset, training and serving keys of "
                           f"model_zoo/config.py")
     bad_base = sorted(k for k in entry if k not in known | {"model", "dataset_id"})
     if bad_base:
         raise ConfigError(f"base expid {base_expid} has unknown key(s) {bad_base} for model {entry['model']}")
 
-    defaults = dict(DATASET_DEFAULTS)
-    defaults.update(TRAINING_DEFAULTS)
+    defaults = dict(DEFAULTS)
     defaults.update(model_parameters(model_cls))
     defaults.update(dataset)
     defaults.update(entry)
@@ -302,8 +281,10 @@ def prepare(tuner_file, output_dir=None):
     _write_yaml(os.path.join(config_dir, "model_config.yaml"), {c.expid: c.entry for c in combos},
                 f"# Generated by run_param_tuner.py from {tuner_file}: {len(combos)} combination(s) of "
                 f"{base_expid}; do not edit.\n")
-    for combo in combos:            # type checks etc. of every combination, before any run
-        combo.params = load_config(config_dir, combo.expid)
+    for combo in combos:            # every key of every combination is checked before any run
+        experiment = load_experiment(config_dir, combo.expid)
+        check_model_keys(experiment, model_cls)
+        combo.params = experiment.params
     _check_shared_builds(combos)
     return TunerPlan(tuner_file=tuner_file, stem=stem, output_dir=output_dir, config_dir=config_dir,
                      base_expid=base_expid, dataset_id=dataset_id, model=entry["model"],

@@ -79,3 +79,24 @@ def tiny_config(tmp_path, tiny_raw):
         "Popularity_tiny": {"model": "Popularity", "dataset_id": "tiny"},
     }
     return write_config(str(tmp_path), str(raw), entries)
+
+
+def rank(model, eval_users, k):
+    """Exact top-k ids of every evaluation user (engine.evaluator.Evaluator.rank)."""
+    from model_zoo.engine.evaluator import Evaluator
+    return Evaluator(eval_batch_size=512, verbose=False).rank(model, eval_users, k)
+
+
+def optimizer_for(model, learning_rate=1.e-3):
+    """Adam over the trainable parameters, as the Trainer builds it."""
+    import torch
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+
+
+def train_steps(model, loader, steps):
+    """`steps` optimizer steps of the Trainer on `loader` (one epoch capped at `steps`)."""
+    from model_zoo.engine.evaluator import Evaluator
+    from model_zoo.engine.trainer import Trainer
+    trainer = Trainer(model, Evaluator(verbose=False), epochs=1, max_steps_per_epoch=steps, verbose=False)
+    trainer.train_epoch(loader)
+    return trainer

@@ -10,7 +10,7 @@ import torch
 from model_zoo import get_model
 from model_zoo.data.loaders import EvalUsers
 
-from .conftest import open_tiny, write_config
+from .conftest import open_tiny, optimizer_for, rank, write_config
 
 SMALL = {"model": "AllToAllSA", "dataset_id": "tiny", "embedding_dim": 16, "num_layers": 2, "num_heads": 2,
          "hidden_units": [16], "num_negatives": 10, "batch_size": 32}
@@ -90,10 +90,10 @@ def test_retrieve_on_seeded_subset_equals_full_rows_and_logs_progress(tiny, capl
     subset = EvalUsers(path, tiny["feature_map"], num_items, max_users=8, seed=5)
     again = EvalUsers(path, tiny["feature_map"], num_items, max_users=8, seed=5)
     assert len(subset) == 8 and np.array_equal(subset.rows, again.rows)                 # same users every time
-    full_topk = model.retrieve(full, 20)
+    full_topk = rank(model, full, 20)
     model.eval_pairs_per_block, model.ranking_log_seconds = num_items * 3, 0.0        # blocks of 3 users
     with caplog.at_level(logging.INFO):
-        subset_topk = model.retrieve(subset, 20)
+        subset_topk = rank(model, subset, 20)
     assert np.array_equal(subset_topk, full_topk[subset.rows])
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rank:")]
     assert len(progress) == 3 and progress[-1].startswith(f"rank: 8/8 users x {num_items} items")
@@ -101,19 +101,20 @@ def test_retrieve_on_seeded_subset_equals_full_rows_and_logs_progress(tiny, capl
 
 
 def test_training_lowers_the_loss_and_reaches_every_parameter(tiny):
-    model = _model(tiny, trained_scale=False, learning_rate=3.e-3, encoder_dropout=0.0, net_dropout=0.0)
+    model = _model(tiny, trained_scale=False, encoder_dropout=0.0, net_dropout=0.0)
+    optimizer = optimizer_for(model, 3.e-3)
     batch = next(iter(tiny["train"]))
     positives = batch.pop("item_index")
     model.train()
     losses = []
     for step in range(12):
-        model.optimizer.zero_grad()
+        optimizer.zero_grad()
         loss = model.sampled_softmax_loss(batch, positives)
         loss.backward()
         if step == 0:
             missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
             assert not missing
-        model.optimizer.step()
+        optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
 

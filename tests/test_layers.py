@@ -3,21 +3,21 @@ import pytest
 import torch
 from torch import nn
 
-from model_zoo.layers import (INTERACTIONS, GRUEncoder, InteractionScorer, InterestHeads, RecentItemHeads,
-                              SelfAttentionEncoder, TokenHeads)
+from model_zoo.layers import (INTERACTIONS, GRUEncoder, InteractionScorer, InterestHeads, SelfAttentionEncoder,
+                              TokenHeads)
 
 B, C, K_U, K_C, D = 3, 4, 2, 3, 8
 
 
-def _scorer(interaction, **kwargs):
+def _scorer(interaction):
     torch.manual_seed(0)
     return InteractionScorer(token_dim=D, num_item_tokens=K_C, interaction=interaction,
-                             hidden_units=[16, 8], dropout=0.0, **kwargs)
+                             hidden_units=[16, 8], dropout=0.0)
 
 
-@pytest.mark.parametrize("interaction,linear_skip", [(name, False) for name in INTERACTIONS] + [("innerp_dnn", True)])
-def test_interaction_forward_backward_broadcast(interaction, linear_skip):
-    scorer = _scorer(interaction, linear_skip=linear_skip)
+@pytest.mark.parametrize("interaction", INTERACTIONS)
+def test_interaction_forward_backward_broadcast(interaction):
+    scorer = _scorer(interaction)
     query = torch.randn(B, 1, K_U, D, requires_grad=True)
     items = torch.randn(B, C, 1, K_C, D, requires_grad=True)
     scores = scorer(query, items)
@@ -48,21 +48,18 @@ def test_parameter_free_interactions_follow_their_formulas():
 
 
 @pytest.mark.parametrize("interaction", ["dot", "maxsim"])
-@pytest.mark.parametrize("stop_gradient_query", [False, True])
-def test_pairwise_equals_broadcast_forward_in_value_and_gradient(interaction, stop_gradient_query):
-    scorer = _scorer(interaction, stop_gradient_query=stop_gradient_query)
+def test_pairwise_equals_broadcast_forward_in_value_and_gradient(interaction):
+    scorer = _scorer(interaction)
     queries = torch.randn(6, D, requires_grad=True)
     items = torch.randn(7, K_C, D, requires_grad=True)
     fast = scorer.pairwise(queries, items)                                           # [6, 7]
     slow = scorer(queries[:, None], items[None])                                     # [6, 7]
     assert fast.shape == (6, 7) and torch.allclose(fast, slow, atol=1e-5)
     weights = torch.randn(6, 7)
-    fast_grads = torch.autograd.grad((fast * weights).sum(), [items] + ([] if stop_gradient_query else [queries]))
-    slow_grads = torch.autograd.grad((slow * weights).sum(), [items] + ([] if stop_gradient_query else [queries]))
+    fast_grads = torch.autograd.grad((fast * weights).sum(), [items, queries])
+    slow_grads = torch.autograd.grad((slow * weights).sum(), [items, queries])
     for got, expected in zip(fast_grads, slow_grads):
         assert torch.allclose(got, expected, atol=1e-5)
-    if stop_gradient_query:
-        assert torch.autograd.grad(fast.sum(), queries, allow_unused=True)[0] is None
     with pytest.raises(ValueError, match="pairwise.*innerp_dnn"):
         _scorer("innerp_dnn").pairwise(queries, items)
 
@@ -86,36 +83,11 @@ def test_innerp_dnn_uses_elementwise_products():
     assert torch.allclose(scorer(query, items), expected)
 
 
-def test_linear_skip_adds_a_weighted_dot_product_that_starts_as_dot():
-    scorer = _scorer("innerp_dnn", linear_skip=True)
-    query, items = torch.randn(6, D), torch.randn(6, K_C, D)
-    products = (query.unsqueeze(1) * items).flatten(1)                              # [6, K_C * D]
-    mlp_part = scorer.mlp(products).squeeze(-1)
-    dot = (query * items.sum(1)).sum(-1)
-    assert torch.allclose(scorer(query, items), mlp_part + dot, atol=1e-5)          # w = 1 at construction
-    weights = torch.randn(1, K_C * D)
-    with torch.no_grad():
-        scorer.linear_skip.weight.copy_(weights)
-    assert torch.allclose(scorer(query, items), mlp_part + products @ weights[0], atol=1e-5)
-    scorer.linear_skip.weight.data.zero_()
-    scorer.init_weights()                                                           # what reset_parameters calls
-    assert torch.equal(scorer.linear_skip.weight, torch.ones(1, K_C * D))
-
-
-def test_stop_gradient_query_flag():
-    query = torch.randn(4, D, requires_grad=True)
-    items = torch.randn(4, K_C, D, requires_grad=True)
-    _scorer("innerp_dnn", stop_gradient_query=True)(query, items).sum().backward()
-    assert query.grad is None and items.grad is not None
-    _scorer("innerp_dnn")(query, items).sum().backward()
-    assert query.grad is not None
-
-
 @pytest.mark.parametrize("kwargs, message", [
     (dict(interaction="mlp"), "interaction='mlp'"),
     (dict(activation="NoSuchAct"), "unknown activation 'NoSuchAct'"),
     (dict(hidden_units=[16, 0]), "hidden_units must be positive ints"),
-    (dict(interaction="dot", linear_skip=True), "linear_skip=True needs interaction='innerp_dnn'"),
+    (dict(crossnet_layers=0), "crossnet_layers must be a positive int"),
 ])
 def test_interaction_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -247,6 +219,7 @@ def test_senet_token_heads_reweight_fields_per_token():
     first_weights = heads.excitations[0].excitation(fields.mean(-1))
     second_weights = heads.excitations[1].excitation(fields.mean(-1))
     assert first_weights.shape == (5, 6) and not torch.allclose(first_weights, second_weights)
+    assert bool(((first_weights > 0) & (first_weights < 1)).all())                 # sigmoid excitation
 
 
 def test_interest_heads_attend_over_valid_slots_by_content():
@@ -276,39 +249,11 @@ def test_interest_heads_attend_over_valid_slots_by_content():
         InterestHeads(num_tokens=0)
 
 
-def test_recent_item_heads_take_the_latest_valid_slots_newest_first():
-    torch.manual_seed(3)
-    heads = RecentItemHeads(input_dim=4, summary_dim=3, num_tokens=3, token_dim=D)
-    slots, summary = torch.randn(3, 5, 4), torch.randn(3, 3)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)   # left padded
-    tokens = heads(slots, mask, summary)                                              # [B, K, D_T]
-    profile = heads.summary_map(summary)                                              # [B, D_T]
-    expected = [heads.slot_map(slots[0, 4]), heads.slot_map(slots[0, 3]), heads.slot_map(slots[0, 2])]
-    assert torch.allclose(tokens[0], torch.stack(expected) + profile[0], atol=1e-6)
-    # Two valid items: two item tokens, the third is the profile part alone; no history: profile only.
-    assert torch.allclose(tokens[1, 1], heads.slot_map(slots[1, 3]) + profile[1], atol=1e-6)
-    assert torch.allclose(tokens[1, 2], profile[1]) and torch.allclose(tokens[2], profile[2].expand(3, D))
-    # Older slots do not matter; the same item gives the same token at any recency position.
-    changed = slots.clone()
-    changed[:, :2] = 100.0
-    assert torch.allclose(heads(changed, mask, summary), tokens)
-    swapped = slots.clone()
-    swapped[0, [4, 3]] = slots[0, [3, 4]]
-    assert torch.allclose(heads(swapped, mask, summary)[0, [1, 0]], tokens[0, [0, 1]], atol=1e-6)
-    tokens.square().sum().backward()
-    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in heads.parameters())
-    with pytest.raises(ValueError, match="history length 2 < num_tokens=3"):
-        heads(slots[:, :2], mask[:, :2], summary)
-    with pytest.raises(ValueError, match=r"expected \[B, L, 4\] and \[B, L\]"):
-        heads(slots, mask[:, :3], summary)
-    with pytest.raises(ValueError, match="token_dim must be a positive int"):
-        RecentItemHeads(token_dim=0)
-
-
 @pytest.mark.parametrize("kwargs, message", [
     (dict(head_type="senet"), "needs num_fields"),
     (dict(head_type="attention"), "head_type='attention'"),
-    (dict(head_type="recent"), "use RecentItemHeads"),
+    (dict(head_type="recent"), "head_type='recent'"),
+    (dict(head_type="senet", num_fields=3, reduction_ratio=0), "reduction_ratio must be a positive int"),
     (dict(num_tokens=0), "num_tokens must be a positive int"),
 ])
 def test_token_heads_invalid_arguments(kwargs, message):

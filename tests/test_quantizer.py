@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from model_zoo.layers import ProductQuantizer
+from model_zoo.layers.quantizer import DEAD_CODE_THRESHOLD
 
 
 def _brute_force_codes(tokens, codebooks):
@@ -22,7 +23,7 @@ def _brute_force_codes(tokens, codebooks):
 
 def test_nearest_codeword_matches_brute_force():
     torch.manual_seed(0)
-    quantizer = ProductQuantizer(token_dim=12, num_codebooks=3, codebook_size=16, dead_code_threshold=0.0)
+    quantizer = ProductQuantizer(token_dim=12, num_codebooks=3, codebook_size=16)
     tokens = torch.randn(10, 4, 12)
     quantizer.eval()
     quantized, codes, _ = quantizer(tokens)
@@ -37,12 +38,10 @@ def test_nearest_codeword_matches_brute_force():
 
 def test_one_ema_step_equals_formula():
     eps = 1e-5
-    quantizer = ProductQuantizer(token_dim=4, num_codebooks=2, codebook_size=3, decay=0.5, eps=eps,
-                                 dead_code_threshold=0.0)
+    quantizer = ProductQuantizer(token_dim=4, num_codebooks=2, codebook_size=3, decay=0.5, eps=eps)
     start = torch.tensor([[[0.0, 0.0], [10.0, 10.0], [-10.0, -10.0]],
                           [[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
-    quantizer.codebooks.copy_(start)
-    quantizer.ema_embed_sum.copy_(start)
+    quantizer.set_codebooks(start)                                          # no k-means on this batch
     tokens = torch.tensor([[[1.0, 1.0, 1.0, 0.2],
                             [9.0, 11.0, 0.1, 0.9],
                             [0.5, -0.5, 6.0, 4.0]]])                       # [B=1, K_u=3, D_T=4]
@@ -63,9 +62,8 @@ def test_one_ema_step_equals_formula():
 
 
 def test_commitment_loss_value_and_weight():
-    quantizer = ProductQuantizer(token_dim=2, num_codebooks=1, codebook_size=2, commitment_weight=0.25,
-                                 dead_code_threshold=0.0)
-    quantizer.codebooks.copy_(torch.tensor([[[0.0, 0.0], [4.0, 4.0]]]))
+    quantizer = ProductQuantizer(token_dim=2, num_codebooks=1, codebook_size=2, commitment_weight=0.25)
+    quantizer.set_codebooks(torch.tensor([[[0.0, 0.0], [4.0, 4.0]]]))
     tokens = torch.tensor([[[1.0, 0.0], [3.0, 4.0]],
                            [[0.0, 2.0], [0.0, 0.0]]])                      # [B=2, K_u=2, 2]
     quantizer.eval()
@@ -91,6 +89,7 @@ def _matching_setup(mode):
     scorer = nn.Linear(8, 1)
     quantizer.train()
     tokens = tokenizer(torch.randn(6, 5))
+    quantizer(tokens.detach())                                         # k-means initialisation
     codebooks_before = quantizer.codebooks.clone()
     quantized, codes, commit = quantizer(tokens)
     # The value is exactly the codewords (of the codebooks before this step's EMA update) in both modes.
@@ -108,25 +107,6 @@ def test_straight_through_passes_matching_gradient_to_tokenizer():
     # Straight-through: the gradient w.r.t. the tokens is the gradient w.r.t. the quantized vector.
     grad_quantized = torch.autograd.grad(match_loss, quantized, retain_graph=True)[0]
     assert torch.allclose(grad_tokens, grad_quantized)
-    assert float(torch.autograd.grad(commit, tokenizer.linear.weight)[0].abs().sum()) > 0
-
-
-def test_rotation_gradient_is_the_codeword_gradient_rotated_back():
-    tokenizer, tokens, quantized, commit, match_loss = _matching_setup("rotation")
-    grad_tokens = torch.autograd.grad(match_loss, tokens, retain_graph=True)[0]       # [6, 2, 8]
-    grad_quantized = torch.autograd.grad(match_loss, quantized, retain_graph=True)[0]
-    codewords = quantized.detach()
-    for p, k in itertools.product(range(6), range(2)):
-        for m in range(2):
-            e, q = tokens[p, k, 4 * m:4 * m + 4].detach(), codewords[p, k, 4 * m:4 * m + 4]
-            e_hat, q_hat = e / e.norm(), q / q.norm()
-            r = (e_hat + q_hat) / (e_hat + q_hat).norm()
-            rotation = torch.eye(4) - 2 * torch.outer(r, r) + 2 * torch.outer(q_hat, e_hat)   # [4, 4]
-            assert torch.allclose(rotation @ rotation.t(), torch.eye(4), atol=1e-5)          # a rotation
-            assert torch.allclose(rotation @ e_hat, q_hat, atol=1e-5)                        # e_hat -> q_hat
-            expected = (q.norm() / e.norm()) * rotation.t() @ grad_quantized[p, k, 4 * m:4 * m + 4]
-            assert torch.allclose(grad_tokens[p, k, 4 * m:4 * m + 4], expected, atol=1e-5)
-    assert not torch.allclose(grad_tokens, grad_quantized)                              # not a plain copy
     assert float(torch.autograd.grad(commit, tokenizer.linear.weight)[0].abs().sum()) > 0
 
 
@@ -176,24 +156,26 @@ def test_decode_encode_and_key_round_trip():
     assert torch.equal(quantizer.unpack_keys(keys), all_codes)
     assert torch.equal(quantizer.unpack_keys(quantizer.pack_keys(codes)), codes)
     assert quantizer.num_keys == 125
-    assert ProductQuantizer.count_distinct_keys(torch.tensor([[3, 3], [7, 0]])) == 3
     with pytest.raises(ValueError, match="codes must be in"):
         quantizer.pack_keys(torch.tensor([5, 0, 0]))
     with pytest.raises(ValueError, match="keys must be in"):
         quantizer.unpack_keys(torch.tensor([125]))
+    with pytest.raises(ValueError, match=r"shape \(1, 2\), expected \[..., num_codebooks=3\]"):
+        quantizer.pack_keys(torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="num_codebooks=3"):
+        quantizer.decode(torch.tensor([[1, 2]]))
 
 
 def test_eval_mode_does_not_update_buffers():
     torch.manual_seed(4)
-    quantizer = ProductQuantizer(token_dim=8, num_codebooks=2, codebook_size=4, kmeans_init=True,
-                                 dead_code_threshold=0.5)
+    quantizer = ProductQuantizer(token_dim=8, num_codebooks=2, codebook_size=4)
     before = {name: value.clone() for name, value in quantizer.state_dict().items()}
     quantizer.eval()
     for _ in range(3):
         quantizer(torch.randn(5, 2, 8) * 10)
     for name, value in quantizer.state_dict().items():
         assert torch.equal(value, before[name]), name
-    assert quantizer.codebook_usage()["tokens_seen"] == 0
+    assert quantizer.codebook_usage()["tokens_seen"] == 0 and not bool(quantizer.initialized)
     quantizer.train()
     quantizer(torch.randn(5, 2, 8))
     assert not torch.equal(quantizer.codebooks, before["codebooks"])
@@ -202,14 +184,14 @@ def test_eval_mode_does_not_update_buffers():
 
 def test_frozen_codebooks_count_usage_but_never_move():
     torch.manual_seed(5)
-    quantizer = ProductQuantizer(token_dim=8, num_codebooks=2, codebook_size=4, kmeans_init=True,
-                                 dead_code_threshold=0.9)
+    quantizer = ProductQuantizer(token_dim=8, num_codebooks=2, codebook_size=4, decay=0.5)
     quantizer.train()
     quantizer(torch.randn(16, 2, 8))                        # k-means init + one EMA step
     quantizer.codebook_usage(reset=True)
+    quantizer.ema_cluster_size.fill_(1.5 * DEAD_CODE_THRESHOLD)   # one more unused step would restart
     quantizer.freeze_codebooks = True
     before = {name: value.clone() for name, value in quantizer.state_dict().items()}
-    tokens = torch.randn(5, 2, 8) * 10                      # far away: would move codewords and restart dead ones
+    tokens = torch.randn(5, 2, 8) * 10                      # far away: would move codewords
     _, codes, _ = quantizer(tokens)
     _, again, _ = quantizer(tokens)
     for name, value in quantizer.state_dict().items():
@@ -220,23 +202,24 @@ def test_frozen_codebooks_count_usage_but_never_move():
     quantizer.freeze_codebooks = False
     quantizer(tokens)
     assert not torch.equal(quantizer.codebooks, before["codebooks"])
+    assert sum(quantizer.codebook_usage()["restarts"]) > 0  # the same step unfrozen restarts unused codewords
 
 
 def test_dead_codewords_are_restarted_and_counted():
     torch.manual_seed(5)
-    quantizer = ProductQuantizer(token_dim=2, num_codebooks=1, codebook_size=4, decay=0.5,
-                                 dead_code_threshold=0.3)
-    quantizer.codebooks.copy_(torch.tensor([[[0.0, 0.0], [100.0, 100.0], [-100.0, 100.0], [100.0, -100.0]]]))
-    quantizer.ema_embed_sum.copy_(quantizer.codebooks)
+    quantizer = ProductQuantizer(token_dim=2, num_codebooks=1, codebook_size=4, decay=0.5)
+    quantizer.set_codebooks(torch.tensor([[[0.0, 0.0], [100.0, 100.0], [-100.0, 100.0], [100.0, -100.0]]]))
     quantizer.train()
     tokens = torch.randn(8, 2, 2) * 0.1                                            # all near codeword 0
-    quantizer(tokens)                                # N of unused codewords: 0.5 >= 0.3, not restarted
+    for _ in range(6):                               # N of unused codewords: 0.5 ** 6 >= 1e-2, kept
+        quantizer(tokens)
     assert quantizer.codebook_usage(reset=False)["restarts"] == [0]
-    quantizer(tokens)                                # N = 0.25 < 0.3 -> the 3 unused ones restart
+    assert float(quantizer.ema_cluster_size[0, 1]) == pytest.approx(0.5 ** 6)
+    quantizer(tokens)                                # 0.5 ** 7 < 1e-2 -> the 3 unused ones restart
     usage = quantizer.codebook_usage()
     assert usage["restarts"] == [3]
     assert usage["used_codewords"] == [1] and usage["dead_codewords"] == [3]
-    assert usage["tokens_seen"] == 32
+    assert usage["tokens_seen"] == 7 * 16
     assert usage["perplexity"][0] == pytest.approx(1.0)
     sub_vectors = tokens.reshape(-1, 2)
     for k in (1, 2, 3):
@@ -248,7 +231,9 @@ def test_dead_codewords_are_restarted_and_counted():
 
 
 def test_uniform_usage_has_perplexity_n():
-    quantizer = ProductQuantizer(token_dim=4, num_codebooks=2, codebook_size=4, dead_code_threshold=0.0)
+    torch.manual_seed(8)
+    quantizer = ProductQuantizer(token_dim=4, num_codebooks=2, codebook_size=4)
+    quantizer.set_codebooks(torch.randn(2, 4, 2))
     quantizer.train()
     codes = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0]])
     quantizer(quantizer.decode(codes).view(4, 1, 4))
@@ -257,33 +242,43 @@ def test_uniform_usage_has_perplexity_n():
     assert usage["dead_codewords"] == [0, 0]
 
 
-def test_kmeans_init_fits_the_first_batch():
+def test_first_training_batch_sets_codebooks_by_kmeans():
     torch.manual_seed(6)
     centers = torch.randn(4, 8) * 5
     tokens = (centers[torch.randint(4, (64,))] + 0.05 * torch.randn(64, 8)).view(32, 2, 8)
-    random_init = ProductQuantizer(token_dim=8, num_codebooks=2, codebook_size=8)
-    kmeans_init = ProductQuantizer(token_dim=8, num_codebooks=2, codebook_size=8, kmeans_init=True)
-    assert not bool(kmeans_init.initialized)
-    random_init.eval()
-    _, _, random_commit = random_init(tokens)
-    kmeans_init.train()
-    kmeans_init(tokens)
-    kmeans_init.eval()
-    _, _, kmeans_commit = kmeans_init(tokens)
-    assert float(kmeans_commit) < 0.05 * float(random_commit)
+    quantizer = ProductQuantizer(token_dim=8, num_codebooks=2, codebook_size=8)
+    assert not bool(quantizer.initialized)
+    quantizer.eval()
+    _, _, placeholder_commit = quantizer(tokens)            # the random placeholder codewords
+    quantizer.train()
+    quantizer(tokens)
+    assert bool(quantizer.initialized)
+    quantizer.eval()
+    _, _, kmeans_commit = quantizer(tokens)
+    assert float(kmeans_commit) < 0.05 * float(placeholder_commit)
+    # Given codebooks are kept: the next training batch runs a small EMA step (gamma near 1), no k-means.
+    start = torch.randn(2, 8, 4) * 5
+    given = ProductQuantizer(token_dim=8, num_codebooks=2, codebook_size=8, decay=0.999)
+    given.set_codebooks(start)
+    assert bool(given.initialized)
+    given.train()
+    given(tokens)
+    assert torch.allclose(given.codebooks, start, atol=1.0)
+    assert not torch.allclose(quantizer.codebooks, start, atol=1.0)
+    with pytest.raises(ValueError, match=r"expected \[2, 8, 4\]"):
+        given.set_codebooks(torch.randn(2, 8, 3))
 
 
 def test_same_seed_same_result():
     def run():
         torch.manual_seed(7)
-        quantizer = ProductQuantizer(token_dim=8, num_codebooks=2, codebook_size=16, kmeans_init=True,
-                                     dead_code_threshold=0.9, decay=0.5)
+        quantizer = ProductQuantizer(token_dim=8, num_codebooks=2, codebook_size=16, decay=0.5)
         quantizer.train()
-        outputs = [quantizer(torch.randn(6, 3, 8)) for _ in range(4)]
+        outputs = [quantizer(torch.randn(6, 3, 8)) for _ in range(12)]
         return outputs, quantizer.state_dict(), quantizer.codebook_usage()
 
     (outputs_a, state_a, usage_a), (outputs_b, state_b, usage_b) = run(), run()
-    assert usage_a["restarts"][0] > 0                                              # RNG was used
+    assert sum(usage_a["restarts"]) > 0                                            # RNG was used
     assert usage_a == usage_b
     for (q_a, c_a, l_a), (q_b, c_b, l_b) in zip(outputs_a, outputs_b):
         assert torch.equal(q_a, q_b) and torch.equal(c_a, c_b) and torch.equal(l_a, l_b)
@@ -294,10 +289,10 @@ def test_same_seed_same_result():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(token_dim=10, num_codebooks=3), "token_dim=10 must be divisible by num_codebooks=3"),
     (dict(gradient_mode="sg"), "gradient_mode='sg'"),
-    (dict(dead_code_threshold=1.0), "dead_code_threshold must be in"),
+    (dict(gradient_mode="rotation"), "gradient_mode='rotation'"),
     (dict(decay=1.0), "decay must be in"),
     (dict(codebook_size=1), "codebook_size must be >= 2"),
-    (dict(codebook_size=2 ** 20, num_codebooks=4, token_dim=8), "does not fit in an int64"),
+    (dict(codebook_size=2 ** 20, num_codebooks=4, token_dim=8), "does not fit an int64"),
 ])
 def test_invalid_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -8,7 +8,7 @@ import torch
 
 from model_zoo.errors import DataError
 from model_zoo.retrieval.exact import csr_rows, exact_search, masked_topk
-from model_zoo.retrieval.faiss_index import FaissRetriever
+from model_zoo.retrieval.faiss_index import FaissRetriever, FaissThreads
 
 
 def random_mask(rng, n_users, n_items, max_len):
@@ -174,6 +174,7 @@ def test_write_read_round_trip(tmp_path, index_type, faiss_threads_restored):
     assert os.listdir(tmp_path) == [f"{index_type}.faiss"], "no temp file may be left behind"
     loaded = FaissRetriever.read(path)
     assert loaded.index_type == index_type and loaded.ntotal == 1000 and loaded.params == retriever.params
+    assert loaded.serialized_bytes() == retriever.serialized_bytes() < os.path.getsize(path)
     for a, b in zip(retriever.search(user_vecs, 15, indptr, items), loaded.search(user_vecs, 15, indptr, items)):
         np.testing.assert_array_equal(a, b)
 
@@ -195,3 +196,15 @@ def test_read_missing_or_corrupt_file_names_it(tmp_path):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(DataError, match=name):
             FaissRetriever.read(str(tmp_path / name))
+
+
+def test_faiss_threads_sets_and_restores(faiss_threads_restored):
+    faiss.omp_set_num_threads(2)
+    with FaissThreads(1):
+        assert faiss.omp_get_max_threads() == 1
+    assert faiss.omp_get_max_threads() == 2
+    with FaissThreads(None):                                      # None leaves the setting alone
+        assert faiss.omp_get_max_threads() == 2
+    with pytest.raises(RuntimeError), FaissThreads(1):            # restored on an exception too
+        raise RuntimeError("inside")
+    assert faiss.omp_get_max_threads() == 2

@@ -17,7 +17,7 @@ from model_zoo.layers.sequence_encoders import GRUEncoder
 from model_zoo.layers.towers import FieldMLPTower, SequenceUserTower
 from model_zoo.retrieval.faiss_index import FaissRetriever
 
-from .conftest import open_tiny, write_config
+from .conftest import open_tiny, optimizer_for, rank, train_steps, write_config
 
 SEQUENTIAL = ("GRU4Rec", "SASRec")
 MAX_LEN = 10
@@ -217,7 +217,7 @@ def test_history_shares_item_id_embedding_and_user_features_are_used(tiny, name)
 def test_history_items_are_masked_at_ranking(tiny, name):
     model = _model(tiny, name)
     valid, n_items = tiny["valid"], tiny["corpus"].num_items
-    everything = model.retrieve(valid, n_items)                          # every retrievable item, best first
+    everything = rank(model, valid, n_items)                          # every retrievable item, best first
     item_repr = model.all_item_repr()
     for u in range(len(valid)):
         history = set(valid.mask_items[valid.mask_indptr[u]:valid.mask_indptr[u + 1]].tolist())
@@ -233,12 +233,10 @@ def test_history_items_are_masked_at_ranking(tiny, name):
 @pytest.mark.parametrize("name", SEQUENTIAL)
 def test_faiss_flat_ip_returns_the_exact_top_k(tiny, name):
     model = _model(tiny, name)
-    model.compile()
-    model.max_steps_per_epoch = 3
-    model.fit(tiny["train"], epochs=1)
+    train_steps(model, tiny["train"], 3)
     model.eval()
     valid = tiny["valid"]
-    exact = model.retrieve(valid, 20)
+    exact = rank(model, valid, 20)
     with torch.no_grad():
         items = model.all_item_repr().numpy()                             # [C, d]
         users = model.encode_users(valid.batch(0, len(valid))).numpy()    # [B, d]
@@ -259,17 +257,17 @@ def test_faiss_flat_ip_returns_the_exact_top_k(tiny, name):
 
 def test_sequential_models_learn_to_lower_the_loss(tiny):
     for name in SEQUENTIAL:
-        model = _model(tiny, name, learning_rate=1.e-2)
-        model.compile()
+        model = _model(tiny, name)
+        optimizer = optimizer_for(model, 1.e-2)
         batch = next(iter(tiny["train"]))
         positives = batch.pop("item_index")
         model.train()
         losses = []
         for _ in range(10):
-            model.optimizer.zero_grad()
+            optimizer.zero_grad()
             loss = model.sampled_softmax_loss(batch, positives)
             loss.backward()
-            model.optimizer.step()
+            optimizer.step()
             losses.append(loss.item())
         assert losses[-1] < 0.85 * losses[0], f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
 

@@ -1,5 +1,7 @@
-"""Serving glue (model_zoo/retrieval/serving.py): SparCode index vs exact scoring, index files, faiss comparators."""
+"""Serving reports (model_zoo/engine/serving.py): a SparCode index against exact scoring, index files next to
+the checkpoint, faiss comparators of vector models, and the choice by declared capability."""
 import json
+import logging
 import os
 
 import numpy as np
@@ -7,16 +9,18 @@ import pytest
 import torch
 
 from model_zoo import get_model
+from model_zoo.base import CodeIndexable, VectorServable
 from model_zoo.config import load_config
 from model_zoo.data.loaders import TrainLoader
-from model_zoo.experiment import run_experiment, serve_experiment
+from model_zoo.engine import serving
 from model_zoo.models.dssm import DSSM
 from model_zoo.models.sparcode import SparCode
-from model_zoo.retrieval import serving
 from model_zoo.retrieval.exact import masked_topk
-from model_zoo.retrieval.sparse_index import SparseIndexFileError, SparseIndexMismatchError
+from model_zoo.retrieval.index_io import SparseIndexFileError, SparseIndexMismatchError, file_sha256
+from model_zoo.retrieval.metrics import tie_aware_hits
+from model_zoo.retrieval.sparse_index import SparseCodeIndex
 
-from .conftest import open_tiny, write_config
+from .conftest import open_tiny, train_steps, write_config
 
 SMALL_SPARCODE = {"embedding_dim": 8, "token_dim": 8, "num_query_tokens": 2, "num_item_tokens": 2,
                   "num_codebooks": 2, "codebook_size": 8, "hidden_units": [8], "tokenizer_hidden_units": [16],
@@ -27,25 +31,24 @@ RTOL, ATOL = 1e-5, 1e-6
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tiny_raw):
-    """Tiny dataset with a briefly trained SparCode and DSSM (checkpoints saved by fit)."""
+    """Tiny dataset with a briefly trained SparCode and DSSM (checkpoints saved)."""
     root = tmp_path_factory.mktemp("serving")
     entries = {"SparCode_tiny": {"model": "SparCode", "dataset_id": "tiny", **SMALL_SPARCODE},
                "DSSM_tiny": {"model": "DSSM", "dataset_id": "tiny", **SMALL_DSSM}}
     config = write_config(str(root), tiny_raw, entries)
     data = open_tiny(config, "SparCode_tiny", batch_size=64)
-    data_dir, feature_map, corpus, train, test = (data[k] for k in ("data_dir", "feature_map", "corpus", "train",
-                                                                    "test"))
     models = {}
     for name, cls in (("SparCode_tiny", SparCode), ("DSSM_tiny", DSSM)):
         torch.manual_seed(0)
-        model_params = dict(load_config(config, name), num_threads=1)
-        model = cls(feature_map, **model_params)
-        model.set_item_corpus(corpus, train.item_counts(corpus.num_items))
-        model.fit(train)                                                  # saves the checkpoint
+        params = dict(load_config(config, name), num_threads=1)
+        model = cls(data["feature_map"], **params)
+        model.set_item_corpus(data["corpus"], data["train"].item_counts(data["corpus"].num_items))
+        train_steps(model, data["train"], 5)
+        model.save_weights(model.checkpoint)
         model.eval()
-        models[name] = (model, model_params)
-    return {"config": config, "root": str(root), "data_dir": data_dir, "feature_map": feature_map,
-            "corpus": corpus, "train": train, "test": test, "models": models}
+        models[name] = (model, params)
+    return {"config": config, "data_dir": data["data_dir"], "feature_map": data["feature_map"],
+            "corpus": data["corpus"], "test": data["test"], "models": models}
 
 
 def _sparcode(tiny):
@@ -84,8 +87,8 @@ def _assert_same_topk(index_scores, index_ids, ref_scores, ref_ids, score_of):
 def test_index_returns_exact_topk_at_trained_bias(tiny):
     model, _ = _sparcode(tiny)
     test, k = tiny["test"], 50
-    index = serving.build_sparcode_index(model, tiny["data_dir"])     # b~ = trained b, no cap
-    assert index.key_set_kind == "all" and index.n_keys == 64
+    index = serving.build_code_index(model, tiny["data_dir"])         # b~ = trained b, no cap
+    assert index.key_set_kind == "all" and index.n_keys == 64 and index.num_query_tokens == 2
     assert index.sparsity_bias == pytest.approx(model.sparse_bias)
     keys = _query_keys(model, test)
     index_scores, index_ids = index.search(keys, k, test.mask_indptr, test.mask_items)
@@ -95,8 +98,7 @@ def test_index_returns_exact_topk_at_trained_bias(tiny):
     exact_np = exact.double().numpy()
     _assert_same_topk(index_scores, index_ids, ref_scores.double().numpy(), ref_ids.numpy(),
                       lambda u, ids: exact_np[u, ids])
-    # masked (history) items never come back
-    for u in range(len(test)):
+    for u in range(len(test)):                                         # masked (history) items never come back
         assert not set(index_ids[u]) & set(test.mask_items[test.mask_indptr[u]:test.mask_indptr[u + 1]])
 
 
@@ -104,10 +106,9 @@ def test_index_at_target_sparsity_matches_dense_relu_reference(tiny):
     """A higher b~ leaves many items with score exactly 0: the index returns only the positive ones."""
     model, _ = _sparcode(tiny)
     test, k = tiny["test"], 50
-    index = serving.build_sparcode_index(model, tiny["data_dir"], target_sparsity=0.9)
+    index = serving.build_code_index(model, tiny["data_dir"], target_sparsity=0.9)
     stats = index.stats()
     assert stats["Sparsity"] == pytest.approx(0.9, abs=0.01)
-    assert stats["Average Items"] == pytest.approx(stats["nnz"] / 64)
     assert index.extra_metadata["bias_source"] == "target_sparsity"
     with torch.no_grad():
         raw = model.score_codes(torch.arange(64)).double().numpy()                       # [64, n_items]
@@ -118,9 +119,12 @@ def test_index_at_target_sparsity_matches_dense_relu_reference(tiny):
     index_scores, index_ids = index.search(keys, k, test.mask_indptr, test.mask_items)
     assert (index_ids == -1).any(), "expected users with fewer than k positive items at sparsity 0.9"
     _assert_same_topk(index_scores, index_ids, ref_scores.numpy(), ref_ids.numpy(), lambda u, ids: dense[u, ids])
+    fixed = serving.build_code_index(model, tiny["data_dir"], sparsity_bias=index.sparsity_bias)
+    assert fixed.extra_metadata["bias_source"] == "sparsity_bias"
+    np.testing.assert_array_equal(fixed.items, index.items)
 
 
-def test_observed_key_set_and_unseen_key_policies(tiny):
+def test_observed_key_set_and_unseen_key_policies(tiny, caplog):
     model, _ = _sparcode(tiny)
     train_keys = []
     for batch in TrainLoader(os.path.join(tiny["data_dir"], "train.h5"), tiny["feature_map"], 512, shuffle=False):
@@ -136,56 +140,46 @@ def test_observed_key_set_and_unseen_key_policies(tiny):
     ranks = [rank for rank, key in enumerate(by_frequency.tolist()) if key in test_keys]
     cap = max(ranks) if len(ranks) == len(test_keys) else max(1, expected.size // 2)
     assert 1 <= cap < expected.size
-    index = serving.build_sparcode_index(model, tiny["data_dir"], index_max_keys=cap, unseen_key="score")
-    assert index.key_set_kind == "observed" and index.n_keys == cap
-    np.testing.assert_array_equal(index.keys, np.sort(keys[np.lexsort((keys, -counts))][:cap]))
-    full = serving.build_sparcode_index(model, tiny["data_dir"])
+    with caplog.at_level(logging.WARNING):
+        index = serving.build_code_index(model, tiny["data_dir"], index_max_keys=cap, unseen_key="score")
+    assert f"distinct observed keys exceed index_max_keys={cap}" in caplog.text
+    assert index.key_set_kind == "observed" and index.n_keys == cap and index.unseen_key == "score"
+    np.testing.assert_array_equal(index.keys, np.sort(by_frequency[:cap]))
+    full = serving.build_code_index(model, tiny["data_dir"])
     test = tiny["test"]
-    exact = serving.evaluate_sparcode_index(model, full, test, 20)
-    scored = serving.evaluate_sparcode_index(model, index, test, 20, unseen_key="score")
+    exact = serving.evaluate_code_index(model, full, test, 20)
+    scored = serving.evaluate_code_index(model, index, test, 20)
     assert scored["unseen_keys"] > 0
     assert scored["index"].n_keys == index.n_keys + scored["unseen_keys"]   # missing keys were scored
+    assert index.n_keys == cap                                               # on a copy: the index is unchanged
     np.testing.assert_array_equal(scored["index_ids"], exact["index_ids"])
+    results = {}
     for policy in ("nearest", "skip"):
         index.unseen_key = policy
-        result = serving.evaluate_sparcode_index(model, index, test, 20, unseen_key=policy)
-        assert result["unseen_keys"] == scored["unseen_keys"]
-        assert 0.0 <= serving._recall(result["hits"], result["sizes"]) <= 1.0
-
-
-def test_add_keys_equals_building_the_union(tiny):
-    model, _ = _sparcode(tiny)
-    score_fn = serving.sparcode_score_fn(model)
-    common = dict(num_codebooks=2, codebook_size=8, progress=False, checkpoint_hash="h", key_set_kind="observed",
-                  unseen_key="skip")
-    bias = model.sparse_bias - 0.5
-    part = serving.SparseCodeIndex.build(score_fn, np.array([3, 9, 40]), 200, bias, top_l=30, **common)
-    union = serving.SparseCodeIndex.build(score_fn, np.array([1, 3, 9, 20, 40, 63]), 200, bias, top_l=30, **common)
-    merged = serving.add_keys(part, score_fn, np.array([63, 1, 20, 9]))
-    for name in ("keys", "indptr", "items", "scores"):
-        np.testing.assert_array_equal(getattr(merged, name), getattr(union, name))
+        results[policy] = serving.evaluate_code_index(model, index, test, 20)
+        assert results[policy]["unseen_keys"] == scored["unseen_keys"] and results[policy]["index"] is index
+        assert (results[policy]["hits"] <= results[policy]["sizes"]).all()
+    assert not np.array_equal(results["nearest"]["index_ids"], results["skip"]["index_ids"])
 
 
 def test_index_file_is_written_next_to_checkpoint_and_checked(tiny, tmp_path):
     model, _ = _sparcode(tiny)
-    index = serving.build_sparcode_index(model, tiny["data_dir"])
-    path = serving.write_sparcode_index(index, serving.default_index_path(model.checkpoint))
+    index = serving.build_code_index(model, tiny["data_dir"])
+    path = index.write(serving.default_index_path(model.checkpoint))
     assert path == model.checkpoint[:-len(".model")] + ".sparse_index.npz"
-    assert index.checkpoint_hash == serving.file_sha256(model.checkpoint)
-    loaded = serving.load_sparcode_index(model)
+    assert index.checkpoint_hash == file_sha256(model.checkpoint)
+    loaded = serving.load_code_index(model)
     np.testing.assert_array_equal(loaded.scores, index.scores)
 
-    # tampered: one byte of the file changed
-    tampered = str(tmp_path / "tampered.npz")
+    tampered = str(tmp_path / "tampered.npz")                         # one byte of the file changed
     blob = bytearray(open(path, "rb").read())
     blob[len(blob) // 2] ^= 0xFF
     open(tampered, "wb").write(bytes(blob))
     with pytest.raises(SparseIndexFileError, match="tampered.npz"):
-        serving.load_sparcode_index(model, tampered)
-    # truncated
-    open(tampered, "wb").write(bytes(blob[:len(blob) // 3]))
+        serving.load_code_index(model, tampered)
+    open(tampered, "wb").write(bytes(blob[:len(blob) // 3]))          # truncated
     with pytest.raises(SparseIndexFileError, match="corrupt"):
-        serving.load_sparcode_index(model, tampered)
+        serving.load_code_index(model, tampered)
 
     # mismatched: the model was retrained (another checkpoint) -> the old index is refused
     other_checkpoint = str(tmp_path / "other.model")
@@ -193,106 +187,114 @@ def test_index_file_is_written_next_to_checkpoint_and_checked(tiny, tmp_path):
     state["bias"] = state["bias"] + 1.0
     torch.save(state, other_checkpoint)
     with pytest.raises(SparseIndexMismatchError, match="built for checkpoint .* expected"):
-        serving.load_sparcode_index(model, path, checkpoint=other_checkpoint)
+        serving.load_code_index(model, path, checkpoint=other_checkpoint)
     with pytest.raises(FileNotFoundError, match="missing.model"):
-        serving.load_sparcode_index(model, path, checkpoint=str(tmp_path / "missing.model"))
+        serving.load_code_index(model, path, checkpoint=str(tmp_path / "missing.model"))
 
 
 def test_index_for_other_model_shape_is_refused(tiny, tmp_path):
     model, params = _sparcode(tiny)
-    index = serving.build_sparcode_index(model, tiny["data_dir"])
+    index = serving.build_code_index(model, tiny["data_dir"])
     torch.manual_seed(1)
     other = SparCode(tiny["feature_map"], **dict(params, codebook_size=4, model_root=str(tmp_path)))
     other.set_item_corpus(tiny["corpus"])
     other.save_weights(other.checkpoint)
-    rebadged = serving.SparseCodeIndex(**{**{name: getattr(index, name) for name in (
+    rebadged = SparseCodeIndex(**{**{name: getattr(index, name) for name in (
         "keys", "indptr", "items", "scores", "num_codebooks", "codebook_size", "n_items", "num_query_tokens",
         "sparsity_bias", "top_l", "key_set_kind", "codebooks", "unseen_key")},
-        "checkpoint_hash": serving.file_sha256(other.checkpoint)})
+        "checkpoint_hash": file_sha256(other.checkpoint)})
     path = rebadged.write(str(tmp_path / "rebadged.npz"))
     with pytest.raises(SparseIndexMismatchError, match="codebook_size=8, the model has 4"):
-        serving.load_sparcode_index(other, path)
+        serving.load_code_index(other, path)
 
 
-def test_sparcode_report_through_index_equals_exact(tiny, tmp_path):
+def test_code_index_report_through_index_equals_exact(tiny, tmp_path):
     model, params = _sparcode(tiny)
-    report = serving.sparcode_report(model, tiny["test"], tiny["data_dir"], dict(params, verbose=0),
-                                     index_path=str(tmp_path / "index.npz"))
+    report = serving.code_index_report(model, tiny["test"], tiny["data_dir"], dict(params, verbose=0),
+                                       index_path=str(tmp_path / "index.npz"))
     stats = report["index"]
     assert report["kind"] == "sparcode" and stats["key_set"] == "all" and stats["bias_source"] == "trained"
     assert 0.0 <= stats["Sparsity"] <= 1.0 and stats["Average Items"] == pytest.approx(stats["nnz"] / 64)
-    assert stats["index_bytes"] > 0 and stats["build_seconds"] > 0 and stats["query_us_median"] > 0
+    assert stats["index_bytes"] > 0 and stats["build_seconds"] > 0
+    assert not any("us" in name.split("_") for name in stats), "query timing belongs to the benchmarks"
     assert os.path.getsize(stats["path"]) == stats["file_bytes"]
-    assert report["recall_vs_exact"] == 1.0
+    assert report["recall_vs_exact"] == 1.0 and report["recall_vs_exact_k"] == 50
     assert set(report["metrics_index"]) == set(params["metrics"])
     for name, value in report["metrics_exact"].items():
         assert report["metrics_index"][name] == pytest.approx(value, abs=0.02)   # near-ties may swap ranks
     json.dumps(report)                                                             # JSON-ready
+    lines = serving.report_lines(report)
+    assert lines[0].startswith("[Index] Sparsity: ") and "Average Items: " in lines[0]
+    assert lines[1].startswith("[Metrics] (index) Recall(k=20): ") and lines[2].startswith("[Metrics] (exact) ")
+    assert lines[3] == "[Index] Recall vs exact(k=50): 1.000000"
 
 
 def test_two_tower_comparators_report_recall_against_exact(tiny):
     model, params = tiny["models"]["DSSM_tiny"]
-    report = serving.two_tower_report(model, tiny["test"], tiny["data_dir"], dict(params, verbose=0))
-    assert set(report["faiss"]) == {"flat_ip", "ivfpq", "hnsw"}
+    report = serving.serving_report(model, tiny["test"], tiny["data_dir"], dict(params, verbose=0))
+    assert report["kind"] == "two_tower" and set(report["faiss"]) == {"flat_ip", "ivfpq", "hnsw"}
     flat = report["faiss"]["flat_ip"]
     assert flat["recall_vs_exact"] == 1.0
     for name, entry in report["faiss"].items():
         assert 0.0 <= entry["recall_vs_exact"] <= 1.0, name
-        assert entry["index_bytes"] > 0 and entry["query_us_median"] > 0
+        assert entry["index_bytes"] > 0 and entry["build_seconds"] > 0
         assert all(0.0 <= v <= 1.0 for v in entry["metrics"].values())
     for name, value in report["metrics_exact"].items():
         assert flat["metrics"][name] == pytest.approx(value, abs=1e-9)
     assert report["faiss"]["ivfpq"]["params"]["nbits"] == 7                        # 200 items < 2^8
     json.dumps(report)
+    lines = serving.report_lines(report)
+    assert lines[0].startswith("[Metrics] (exact) ") and len(lines) == 1 + 2 * 3
+    assert any(line.startswith("[Metrics] (ivfpq) Recall(k=20): ") for line in lines)
 
 
 @pytest.mark.parametrize("name", ["GRU4Rec", "SASRec"])
 def test_sequential_two_tower_models_get_faiss_comparators(tiny, name):
-    """GRU4Rec / SASRec declare two_tower = True and serve through the same faiss harness (untrained here)."""
+    """GRU4Rec / SASRec declare VectorServable and serve through the same faiss harness (untrained here)."""
     cls = get_model(name)
-    assert getattr(cls, "two_tower", False) and not hasattr(cls, "query_codes")
+    assert issubclass(cls, VectorServable) and not issubclass(cls, CodeIndexable)
     torch.manual_seed(0)
     params = dict(load_config(tiny["config"], "DSSM_tiny"), model=name, num_threads=1, verbose=0)
     params = {k: v for k, v in params.items() if k not in ("similarity",)}
     model = cls(tiny["feature_map"], **{**params, "user_hidden_units": [16], "item_hidden_units": [16],
                                         "num_layers": 1})
     model.set_item_corpus(tiny["corpus"])
-    report = serving.two_tower_report(model, tiny["test"], tiny["data_dir"], params)
-    assert report["faiss"]["flat_ip"]["recall_vs_exact"] == 1.0
+    report = serving.serving_report(model, tiny["test"], tiny["data_dir"], params)
+    assert report["kind"] == "two_tower" and report["faiss"]["flat_ip"]["recall_vs_exact"] == 1.0
     assert all(0.0 <= entry["recall_vs_exact"] <= 1.0 for entry in report["faiss"].values())
+
+
+def test_serving_is_chosen_by_declared_capability_not_by_attributes(tiny):
+    """A model without a capability class gets no report, even if it has attributes of the same names."""
+    _, dssm_params = tiny["models"]["DSSM_tiny"]
+    params = {key: value for key, value in dssm_params.items() if key not in SMALL_DSSM}
+    popularity = get_model("Popularity")(tiny["feature_map"], **dict(params, model="Popularity"))
+    popularity.set_item_corpus(tiny["corpus"])
+    popularity.query_codes = lambda inputs: None
+    popularity.two_tower = True
+    assert not isinstance(popularity, (CodeIndexable, VectorServable))
+    assert serving.serving_report(popularity, tiny["test"], tiny["data_dir"], params) is None
+    assert serving.report_lines(None) == []
 
 
 def test_tie_aware_hits():
     reference = np.array([[3.0, 2.0, 1.0], [2.0, 0.0, -np.inf]])
     approx = np.array([[0, 5, -1], [4, 7, 8]])
     approx_scores = np.array([[3.0, 1.0 - 1e-7, -np.inf], [2.0, 0.0, 0.0]])
-    hits, sizes = serving.tie_aware_hits(approx, approx_scores, reference)
+    hits, sizes = tie_aware_hits(approx, approx_scores, reference)
     np.testing.assert_array_equal(hits, [2, 2])             # 1 - 1e-7 ties the 3rd; row 2: zeros tie
     np.testing.assert_array_equal(sizes, [3, 2])
-    hits, sizes = serving.tie_aware_hits(approx, approx_scores, reference, min_score=0.0)
+    hits, sizes = tie_aware_hits(approx, approx_scores, reference, min_score=0.0)
     np.testing.assert_array_equal(hits, [2, 1])             # score-0 items are not part of the reference
     np.testing.assert_array_equal(sizes, [3, 1])
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"sparsity_bias": -0.5, "target_sparsity": 0.9}, "both set"),
-    ({"target_sparsity": 1.5}, r"target_sparsity=1.5.*\[0, 1\]"),
-    ({"sparsity_bias": "1e-3"}, "PyYAML"),
-    ({"index_score_dtype": "float64"}, "index_score_dtype='float64'"),
-    ({"unseen_key": "random"}, "unseen_key='random'.*score"),
-    ({"index_top_l": 0}, "index_top_l=0"),
-    ({"faiss_m": 2.5}, "faiss_m=2.5"),
-    ({"serve": "yes"}, "serve='yes'"),
-])
-def test_serving_keys_are_validated(overrides, message):
-    with pytest.raises(ValueError, match=message):
-        serving.serving_params(overrides)
-
-
 def test_run_expid_reports_index_and_faiss(tmp_path, monkeypatch, tiny_raw):
+    from model_zoo.engine.experiment import run_experiment, serve_experiment
     monkeypatch.chdir(tmp_path)
     entries = {"SparCode_run": {"model": "SparCode", "dataset_id": "tiny", **SMALL_SPARCODE},
                "DSSM_run": {"model": "DSSM", "dataset_id": "tiny", "num_threads": 1, **SMALL_DSSM},
+               "DSSM_off": {"model": "DSSM", "dataset_id": "tiny", "serve": False, **SMALL_DSSM},
                "Popularity_run": {"model": "Popularity", "dataset_id": "tiny"}}
     config = write_config(str(tmp_path), tiny_raw, entries)
     result = run_experiment(config, "SparCode_run")
@@ -300,7 +302,7 @@ def test_run_expid_reports_index_and_faiss(tmp_path, monkeypatch, tiny_raw):
     assert serving_result["index"]["Sparsity"] >= 0.0 and serving_result["recall_vs_exact"] == 1.0
     index_path = serving.default_index_path(result["checkpoint"])
     assert serving_result["index"]["path"] == index_path
-    assert serving_result["index"]["checkpoint_hash"] == serving.file_sha256(result["checkpoint"])
+    assert serving_result["index"]["checkpoint_hash"] == file_sha256(result["checkpoint"])
     log = open(result["checkpoint"][:-len(".model")] + ".log").read()
     assert "[Index] Sparsity: " in log and "- Average Items: " in log and "[Metrics] (index) Recall(k=20): " in log
     saved = json.load(open(result["checkpoint"][:-len(".model")] + ".json"))
@@ -318,35 +320,5 @@ def test_run_expid_reports_index_and_faiss(tmp_path, monkeypatch, tiny_raw):
     result = run_experiment(config, "DSSM_run")
     assert result["serving"]["faiss"]["flat_ip"]["recall_vs_exact"] == 1.0
     assert "[Metrics] (ivfpq) Recall(k=20): " in open(result["checkpoint"][:-len(".model")] + ".log").read()
-    assert "serving" not in run_experiment(config, "Popularity_run")
-
-
-def test_serve_false_skips_serving(tmp_path, monkeypatch, tiny_raw):
-    monkeypatch.chdir(tmp_path)
-    config = write_config(str(tmp_path), tiny_raw, {"DSSM_off": {"model": "DSSM", "dataset_id": "tiny", "serve": False,
-                                                                 **SMALL_DSSM}})
     assert "serving" not in run_experiment(config, "DSSM_off")
-
-
-def test_bad_serving_key_fails_before_training(tmp_path, tiny_raw):
-    config = write_config(str(tmp_path), tiny_raw, {"DSSM_bad": {"model": "DSSM", "dataset_id": "tiny",
-                                                                 "unseen_key": "bogus", **SMALL_DSSM}})
-    with pytest.raises(ValueError, match="unseen_key='bogus'"):
-        run_experiment(config, "DSSM_bad")
-    assert not os.path.exists(os.path.join(str(tmp_path), "checkpoints", "tiny", "DSSM_bad.model"))
-
-
-def test_index_size_is_estimated_and_too_large_builds_are_refused(tiny):
-    model, _ = _sparcode(tiny)
-    score_fn = serving.sparcode_score_fn(model)
-    keys = np.arange(64)
-    index = serving.build_sparcode_index(model, tiny["data_dir"], target_sparsity=0.8)
-    estimate = serving.estimate_index_size(score_fn, keys, 200, index.sparsity_bias)
-    assert estimate["sampled_keys"] == 64                                 # few keys: all scored, exact
-    assert estimate["nnz"] == index.nnz
-    sampled = serving.estimate_index_size(score_fn, keys, 200, index.sparsity_bias, sample_keys=16)
-    assert sampled["Sparsity"] == pytest.approx(0.8, abs=0.1)
-    assert serving.estimate_index_size(score_fn, keys, 200, 1e6, top_l=7)["nnz"] == 64 * 7
-    with pytest.raises(ValueError, match="set target_sparsity"):
-        serving.check_index_fits(estimate, index.sparsity_bias, available_bytes=estimate["bytes"])
-    serving.check_index_fits(estimate, index.sparsity_bias, available_bytes=100 * estimate["bytes"])
+    assert "serving" not in run_experiment(config, "Popularity_run")

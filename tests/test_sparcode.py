@@ -1,23 +1,21 @@
-"""SparCode model-level tests on the tiny dataset (the quantizer's own tests are in test_quantizer.py)."""
-import os
-
-import numpy as np
+"""SparCode model-level tests on the tiny dataset (the quantizer's own tests are in test_quantizer.py; the
+warm-up, frozen-codes and codebook-statistics callbacks are tested in test_engine.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
-from model_zoo.experiment import run_experiment
-from model_zoo.layers.interaction import INTERACTIONS
+from model_zoo.engine.evaluator import Evaluator
+from model_zoo.engine.experiment import run_experiment
+from model_zoo.engine.trainer import Trainer
 from model_zoo.layers.quantizer import GRADIENT_MODES
 from model_zoo.models import sparcode as sparcode_module
 from model_zoo.models.sparcode import SparCode
 
 from .conftest import open_tiny, write_config
 
-REPO_CONFIG = os.path.join(os.path.dirname(__file__), "..", "config")
 SMALL = {"embedding_dim": 8, "token_dim": 8, "num_query_tokens": 2, "num_item_tokens": 2, "num_codebooks": 2,
          "codebook_size": 8, "hidden_units": [8], "tokenizer_hidden_units": [16], "net_dropout": 0.0}
+EVALUATOR = Evaluator(["Recall(k=20)", "NDCG(k=20)"], eval_batch_size=64, verbose=False)
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +40,12 @@ def _batch(tiny):
     return batch, batch.pop("item_index")
 
 
+def _trainer(model, steps=3):
+    return Trainer(model, EVALUATOR, epochs=1, max_steps_per_epoch=steps, verbose=False)
+
+
 def _train_steps(model, tiny, steps=3):
-    model.train()
-    for step, batch in enumerate(tiny["train"]):
-        if step == steps:
-            break
-        positives = batch.pop("item_index")
-        model.optimizer.zero_grad()
-        model.sampled_softmax_loss(batch, positives).backward()
-        model.optimizer.step()
+    _trainer(model, steps).train_epoch(tiny["train"])
 
 
 def _matching_loss(model, batch, positives):
@@ -66,7 +61,7 @@ def _tokenizer_grad_norm(model, loss):
     return sum(float(g.abs().sum()) for g in grads if g is not None)
 
 
-@pytest.mark.parametrize("mode", ["straight_through", "commitment_only", "rotation"])
+@pytest.mark.parametrize("mode", GRADIENT_MODES)
 def test_matching_loss_reaches_tokenizer_only_with_straight_through(tiny, mode):
     model = _model(tiny, quantizer_grad=mode)
     model.train()
@@ -86,7 +81,7 @@ def test_matching_loss_reaches_tokenizer_only_with_straight_through(tiny, mode):
 
 def test_codebooks_get_no_optimizer_gradient_and_move_by_ema(tiny):
     model = _model(tiny)
-    optimized = {id(p) for group in model.optimizer.param_groups for p in group["params"]}
+    optimized = {id(p) for group in _trainer(model).optimizer.param_groups for p in group["params"]}
     assert id(model.quantizer.codebooks) not in optimized
     assert not any(name.startswith("quantizer.") for name, _ in model.named_parameters())
     assert id(model.bias) in optimized
@@ -163,33 +158,14 @@ def test_chunked_scores_equal_unchunked(tiny, monkeypatch):
         assert torch.allclose(model.score_tokens(user_repr[0], items), whole, atol=1e-5)
 
 
-def test_epoch_stats_count_codes_of_the_epoch(tiny):
-    # Random (not k-means) codewords and a fast decay: unused codewords die after one step.
-    model = _model(tiny, kmeans_init=False, dead_code_threshold=0.9, codebook_decay=0.5)
-    model.train()
-    seen = []
-    for step, batch in enumerate(tiny["train"]):
-        if step == 4:
-            break
-        batch.pop("item_index")
-        seen.append(model.encode_users(batch)[1])
-    stats = model.epoch_stats()
-    assert stats["distinct_codes"] == int(torch.unique(torch.cat(seen)).numel())
-    assert len(stats["codebook_perplexity"]) == 2 and all(1.0 <= p <= 8.0 for p in stats["codebook_perplexity"])
-    assert all(0 <= d < 8 for d in stats["dead_codewords"])
-    assert sum(stats["codeword_restarts"]) > 0                          # decay 0.5 kills unused codewords fast
-    empty = model.epoch_stats()                                         # counters were reset
-    assert empty["distinct_codes"] == 0 and sum(empty["codeword_restarts"]) == 0
-
-
 @pytest.mark.parametrize("tokenizer,token_heads,interaction", [
     ("dnn", "senet", "dot"), ("gru", "linear", "maxsim"), ("gru", "senet", "crossnet"),
     ("sa", "linear", "dnn"), ("sa", "senet", "innerp_dnn"), ("dnn", "attention", "innerp_dnn"),
-    ("gru", "attention", "dot"), ("dnn", "recent", "dot"), ("sa", "recent", "innerp_dnn")])
+    ("gru", "attention", "dot")])
 def test_variants_train_and_evaluate(tiny, tokenizer, token_heads, interaction):
     item_hidden_units = [16] if tokenizer == "sa" else []
     model = _model(tiny, tokenizer=tokenizer, token_heads=token_heads, interaction=interaction, num_layers=1,
-                   item_hidden_units=item_hidden_units, scorer_linear_skip=interaction == "innerp_dnn")
+                   item_hidden_units=item_hidden_units)
     assert isinstance(model.item_encoder, torch.nn.Identity) == (not item_hidden_units)
     model.train()
     batch, positives = _batch(tiny)
@@ -198,10 +174,9 @@ def test_variants_train_and_evaluate(tiny, tokenizer, token_heads, interaction):
     for name, param in model.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
     head_weight = {"senet": lambda h: h.heads[0].weight, "linear": lambda h: h.heads.weight,
-                   "attention": lambda h: h.queries,
-                   "recent": lambda h: h.slot_map.weight}[token_heads](model.tokenizer.heads)
+                   "attention": lambda h: h.queries}[token_heads](model.tokenizer.heads)
     assert float(head_weight.grad.abs().sum()) > 0
-    metrics = model.evaluate(tiny["valid"])
+    metrics = EVALUATOR.evaluate(model, tiny["valid"])
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
 
 
@@ -219,9 +194,9 @@ def test_same_seed_same_result(tiny, tmp_path, monkeypatch):
     assert "quantizer.codebooks" in state_a
 
 
-@pytest.mark.parametrize("key,value,allowed", [("tokenizer", "cnn", "dnn"), ("token_heads", "mlp", "senet"),
+@pytest.mark.parametrize("key,value,allowed", [("tokenizer", "cnn", "dnn"), ("token_heads", "recent", "senet"),
                                                ("interaction", "cosine", "innerp_dnn"),
-                                               ("quantizer_grad", "ste", "commitment_only"),
+                                               ("quantizer_grad", "rotation", "commitment_only"),
                                                ("num_query_tokens", 0, "positive int")])
 def test_invalid_hyperparameters_raise_naming_them(tiny, key, value, allowed):
     with pytest.raises(ValueError, match=f"{key}={value!r}.*{allowed}"):
@@ -239,118 +214,76 @@ def test_token_dim_must_split_into_codebooks(tiny):
         _model(tiny, token_dim=9)
 
 
-def test_every_repo_sparcode_expid_builds(tiny):
-    """Each SparCode_* entry of config/model_config/SparCode.yaml has valid keys (checked on tiny data)."""
-    with open(os.path.join(REPO_CONFIG, "model_config", "SparCode.yaml")) as fd:
-        entries = yaml.safe_load(fd)
-    assert "SparCode_demo_001" in entries
-    seen = set()
-    for expid, entry in entries.items():
-        entry = dict(entry, **{k: v for k, v in SMALL.items() if k in entry or k in ("embedding_dim", "token_dim")})
-        entry = {k: v for k, v in entry.items() if k not in ("dataset_id", "model")}
-        model = _model(tiny, **{**entry, "num_layers": 1})
-        seen.add((model.tokenizer.tokenizer, model.scorer.interaction, model.quantizer.gradient_mode))
-    assert {t for t, _, _ in seen} == {"dnn", "gru", "sa"}
-    assert {i for _, i, _ in seen} == set(INTERACTIONS)
-    assert {g for _, _, g in seen} == set(GRADIENT_MODES)
-
-
 @pytest.mark.parametrize("kind", ["dnn", "gru", "sa"])
-@pytest.mark.parametrize("heads", ["linear", "senet", "attention", "recent"])
-def test_user_tokenizer_shapes_and_normalisation(kind, heads):
+@pytest.mark.parametrize("heads", ["linear", "senet", "attention"])
+def test_user_tokenizer_shapes_and_history_use(kind, heads):
     from model_zoo.layers.tokenizers import UserTokenizer
     torch.manual_seed(0)
     tokenizer = UserTokenizer(kind, embedding_dim=8, num_fields=3, num_tokens=4, token_dim=6, token_heads=heads,
                               hidden_units=[16], history_len=5, num_layers=1)
-    fields, history = torch.randn(7, 3, 8) * 1e-4, torch.randn(7, 5, 8) * 1e-4     # FuxiCTR-sized inputs
+    fields, history = torch.randn(7, 3, 8), torch.randn(7, 5, 8)
     mask = torch.arange(5).unsqueeze(0) >= torch.tensor([0, 1, 2, 3, 4, 5, 2]).unsqueeze(1)   # left padded
     tokens = tokenizer(fields, history, mask)
-    assert tokens.shape == (7, 4, 6)
-    # Layer-normalised: every token has mean 0 and unit variance whatever the input scale.
-    assert torch.allclose(tokens.mean(-1), torch.zeros(7, 4), atol=1e-4)
-    assert torch.allclose(tokens.var(-1, unbiased=False), torch.ones(7, 4), atol=1e-2)
+    assert tokens.shape == (7, 4, 6) and torch.isfinite(tokens).all()
     assert not torch.equal(tokens[0], tokens[1])                                    # users differ
-    raw = UserTokenizer(kind, 8, 3, 4, 6, heads, [16], history_len=5, num_layers=1, normalize_tokens=False)
-    raw_tokens = raw(fields, history, mask)
-    assert (raw_tokens.var(-1, unbiased=False) - 1).abs().max() > 0.1                # not normalised
-    if kind != "dnn" or heads in ("attention", "recent"):
+    assert not torch.allclose(tokens[:, 0], tokens[:, 1])                          # tokens differ
+    changed = history.clone()
+    changed[~mask] = 100.0                                                          # padding content
+    assert torch.allclose(tokenizer(fields, changed, mask), tokens, atol=1e-5)
+    if tokenizer.needs_history:
+        changed[0, -1] = torch.randn(8)                                             # a valid history item
+        assert not torch.allclose(tokenizer(fields, changed, mask)[0], tokens[0])
         with pytest.raises(ValueError, match="needs the history"):
             tokenizer(fields)
+    assert tokenizer.needs_history == (kind != "dnn" or heads == "attention")
 
 
 def test_user_tokenizer_invalid_arguments():
     from model_zoo.layers.tokenizers import UserTokenizer
     with pytest.raises(ValueError, match="tokenizer='lstm'"):
         UserTokenizer("lstm")
-    with pytest.raises(ValueError, match="token_heads='attn'"):
-        UserTokenizer(token_heads="attn")
+    with pytest.raises(ValueError, match="token_heads='recent'"):
+        UserTokenizer(token_heads="recent")
     with pytest.raises(ValueError, match="num_fields"):
         UserTokenizer("dnn", num_fields=0)
-    with pytest.raises(ValueError, match="num_tokens <= history_len.*num_tokens=6, history_len=5"):
-        UserTokenizer(token_heads="recent", num_tokens=6, history_len=5)
     with pytest.raises(ValueError, match="fields shape"):
         UserTokenizer("dnn", embedding_dim=8, num_fields=2)(torch.randn(3, 4, 8))
 
 
-@pytest.mark.parametrize("mode", ["straight_through", "commitment_only", "rotation"])
-def test_quantizer_warmup_feeds_tokens_then_codewords(tiny, mode):
-    model = _model(tiny, quantizer_warmup_steps=2, quantizer_grad=mode)
+@pytest.mark.parametrize("mode", GRADIENT_MODES)
+def test_unquantized_tokens_feed_keeps_the_gradient_mode(tiny, mode):
+    """With feed_unquantized_tokens (set by the quantizer_warmup callback) training gets the tokens, evaluation the codes."""
+    model = _model(tiny, quantizer_grad=mode)
     model.train()
     batch, positives = _batch(tiny)
-    for step in range(3):
-        codebooks = model.quantizer.codebooks.clone()      # the training forward updates them afterwards
-        quantized, keys = model.encode_users(batch)
-        with torch.no_grad():
-            tokens = model.user_tokens(batch)
-        codes = model.quantizer.unpack_keys(keys)          # [B, K_u, M]
-        codewords = torch.cat([codebooks[m][codes[..., m]] for m in range(codes.shape[-1])], dim=-1)
-        if step < 2:
-            assert torch.allclose(quantized, tokens) and not torch.allclose(quantized, codewords)
-            match = model.score_matrix((quantized, keys), model.encode_items(model.items(positives))).sum()
-            assert (_tokenizer_grad_norm(model, match) > 0) == (mode != "commitment_only")
-        else:
-            assert torch.equal(quantized.detach(), codewords)
+    model.feed_unquantized_tokens = True
+    quantized, keys = model.encode_users(batch)
+    with torch.no_grad():
+        tokens = model.user_tokens(batch)
+    assert torch.allclose(quantized, tokens) and not torch.allclose(quantized, model.code_vectors(keys))
+    match = model.score_matrix((quantized, keys), model.encode_items(model.items(positives))).sum()
+    assert (_tokenizer_grad_norm(model, match) > 0) == (mode != "commitment_only")
     model.eval()
-    with torch.no_grad():                                  # evaluation always uses the codes
+    with torch.no_grad():
         quantized, keys = model.encode_users(batch)
     assert torch.equal(quantized, model.code_vectors(keys))
-    with pytest.raises(ValueError, match="quantizer_warmup_steps=-1"):
-        _model(tiny, quantizer_warmup_steps=-1)
 
 
-def test_freeze_codes_after_warmup_trains_only_the_item_side(tiny):
-    model = _model(tiny, quantizer_warmup_steps=2, freeze_codes_after_warmup=True, net_dropout=0.5,
-                   item_hidden_units=[8])
-    _train_steps(model, tiny, steps=2)                     # warm-up: everything trains, codebooks follow
-    assert not model.codes_frozen
-    user_side = {name: value.clone() for name, value in model.state_dict().items()
-                 if name.split(".")[0] in ("embedding", "tokenizer", "quantizer")}
-    item_side = {name: value.clone() for name, value in model.named_parameters()
-                 if name.split(".")[0] in ("item_encoder", "item_heads", "bias")}
-    batch, positives = _batch(tiny)
-    model.eval()
-    with torch.no_grad():
-        keys_before = model.encode_users(batch)[1]
-    _train_steps(model, tiny, steps=3)
-    assert model.codes_frozen and model.train_steps == 5
-    assert not model.tokenizer.training and model.item_encoder.training   # no dropout on the frozen side
-    for name, value in model.state_dict().items():
-        if name in user_side:
-            assert torch.equal(value, user_side[name]), name
-    assert all(not torch.equal(value, item_side[name]) for name, value in model.named_parameters()
-               if name in item_side)
-    model.eval()
-    with torch.no_grad():
-        quantized, keys = model.encode_users(batch)
-    assert torch.equal(keys, keys_before) and torch.equal(quantized, model.code_vectors(keys))
-    model.train()                                          # a training forward feeds the codewords
+def test_frozen_user_side_trains_on_the_served_codes_without_commitment(tiny):
+    """After freeze_user_side (the freeze_codes callback) a training forward gives exactly the served codes."""
+    model = _model(tiny, net_dropout=0.5)
+    _train_steps(model, tiny, steps=2)
+    model.freeze_user_side()
+    model.train()
+    assert not model.tokenizer.training and model.scorer.training                  # no dropout on the frozen side
+    batch, _ = _batch(tiny)
     quantized, keys = model.encode_users(batch)
-    assert torch.equal(quantized, model.code_vectors(keys)) and model.auxiliary_loss() == 0.0
-    assert model.epoch_stats()["codeword_restarts"] == [0, 0]
-    with pytest.raises(ValueError, match="freeze_codes_after_warmup=True needs quantizer_warmup_steps > 0"):
-        _model(tiny, freeze_codes_after_warmup=True)
-    with pytest.raises(ValueError, match="freeze_codes_after_warmup='yes'"):
-        _model(tiny, quantizer_warmup_steps=2, freeze_codes_after_warmup="yes")
+    assert not quantized.requires_grad and torch.equal(quantized, model.code_vectors(keys))
+    assert model.auxiliary_loss() == 0.0                                            # the commitment is a constant
+    _train_steps(model, tiny, steps=2)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.encode_users(batch)[1], keys)                     # every user keeps its codes
 
 
 def test_history_features_item_embeds_history_through_item_fields(tiny):

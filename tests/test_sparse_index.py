@@ -1,20 +1,12 @@
-"""Tests of the SparCode sparse inverted index (model_zoo/retrieval/sparse_index.py)."""
-import os
-
+"""The sparse code index (model_zoo/retrieval/sparse_index.py) against a dense brute-force reference:
+build, top-L, float16, masks, backends, unseen-key policies, adding keys, structure checks."""
 import numpy as np
 import pytest
 import torch
 
 from model_zoo.retrieval import _merge
-from model_zoo.retrieval.sparse_index import (
-    SparseCodeIndex,
-    SparseIndexFileError,
-    SparseIndexMismatchError,
-    choose_bias_for_sparsity,
-    choose_key_set,
-    pack_codes,
-    unpack_keys,
-)
+from model_zoo.retrieval.code_keys import pack_codes, unpack_keys
+from model_zoo.retrieval.sparse_index import UNSEEN_KEY_POLICIES, SparseCodeIndex
 
 BACKENDS = ["numpy"] + (["numba"] if _merge.HAVE_NUMBA else [])
 M, N, N_ITEMS, K_U = 2, 4, 300, 4  # 16 keys
@@ -55,22 +47,6 @@ def build(matrix, bias, **kwargs):
                   progress=False, checkpoint_hash="ckpt-a")
     params.update(kwargs)
     return SparseCodeIndex.build(score_fn_of(matrix), np.arange(matrix.shape[0]), matrix.shape[1], bias, **params)
-
-
-def test_pack_unpack_round_trip_and_validation():
-    rng = np.random.default_rng(1)
-    codes = rng.integers(0, 7, size=(5, 6, 3))  # [.., M=3], N=7
-    keys = pack_codes(codes, 7)
-    assert keys.shape == (5, 6) and keys.dtype == np.int64
-    assert keys[0, 0] == codes[0, 0, 0] * 49 + codes[0, 0, 1] * 7 + codes[0, 0, 2]
-    np.testing.assert_array_equal(unpack_keys(keys, 7, 3), codes)
-    np.testing.assert_array_equal(pack_codes(unpack_keys(np.arange(343), 7, 3), 7), np.arange(343))
-    with pytest.raises(ValueError, match=r"codes must be in \[0, 7\)"):
-        pack_codes(np.array([[0, 7]]), 7)
-    with pytest.raises(ValueError, match="does not fit"):
-        pack_codes(np.zeros((1, 16), np.int64), 1 << 16)
-    with pytest.raises(ValueError, match="keys must be in"):
-        unpack_keys(np.array([343]), 7, 3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -174,21 +150,6 @@ def test_masks_are_respected(backend):
         index.search(queries, 5, mask_indptr, mask_items, row_offset=3)
 
 
-def test_bias_for_target_sparsity():
-    matrix = random_scores(8, n_keys=16, n_items=2000)
-    keys = np.arange(16)
-    for target in (0.0, 0.5, 0.9, 0.99, 1.0):
-        bias = choose_bias_for_sparsity(score_fn_of(matrix), keys, 2000, target)  # exact: all keys
-        index = SparseCodeIndex.build(score_fn_of(matrix), keys, 2000, bias, num_codebooks=M, codebook_size=N,
-                                      progress=False)
-        assert abs(index.stats()["Sparsity"] - target) <= 1.0 / matrix.size
-    sampled = choose_bias_for_sparsity(score_fn_of(matrix), keys, 2000, 0.95, sample_keys=6, seed=3)
-    kept = (matrix + np.float32(sampled) > 0).mean()
-    assert abs((1 - kept) - 0.95) < 0.02
-    with pytest.raises(ValueError, match=r"target_sparsity must be a number in \[0, 1\]"):
-        choose_bias_for_sparsity(score_fn_of(matrix), keys, 2000, 1.5)
-
-
 def test_stats_follow_section_4_4():
     index = SparseCodeIndex(keys=np.arange(4), indptr=np.array([0, 2, 2, 5, 6]), items=np.array([0, 3, 1, 2, 9, 4]),
                             scores=np.ones(6, np.float32), num_codebooks=2, codebook_size=2, n_items=10,
@@ -217,77 +178,6 @@ def test_constructor_validates_the_csr():
     ]:
         with pytest.raises(ValueError, match=message):
             SparseCodeIndex(**{**good, **change})
-
-
-@pytest.mark.parametrize("score_dtype", ["float32", "float16"])
-def test_write_read_round_trip(tmp_path, score_dtype):
-    matrix = random_scores(9)
-    codebooks = np.random.default_rng(0).standard_normal((M, N, 3)).astype(np.float32)
-    index = build(matrix, -1.0, score_dtype=score_dtype, top_l=20, codebooks=codebooks,
-                  extra_metadata={"model": "SparCode"})
-    path = index.write(tmp_path / "index.npz")
-    assert os.listdir(tmp_path) == ["index.npz"]  # no temp file left behind
-    loaded = SparseCodeIndex.read(path, expected_checkpoint_hash="ckpt-a")
-    for name in ("keys", "indptr", "items", "scores", "codebooks"):
-        original, restored = getattr(index, name), getattr(loaded, name)
-        assert restored.dtype == original.dtype
-        np.testing.assert_array_equal(restored, original)
-    assert loaded.metadata() == index.metadata()
-    assert loaded.scores.dtype == np.dtype(score_dtype)
-    queries = np.random.default_rng(1).integers(0, N ** M, size=(10, K_U))
-    for got, expected in zip(loaded.search(queries, 15), index.search(queries, 15)):
-        np.testing.assert_array_equal(got, expected)
-
-
-def test_corrupt_tampered_and_mismatched_files_are_refused(tmp_path):
-    index = build(random_scores(10), -1.0)
-    path = str(index.write(tmp_path / "index.npz"))
-
-    with pytest.raises(FileNotFoundError, match="missing.npz"):
-        SparseCodeIndex.read(tmp_path / "missing.npz")
-
-    with pytest.raises(SparseIndexMismatchError, match=r"index\.npz.*'ckpt-a'.*'ckpt-b'"):
-        SparseCodeIndex.read(path, expected_checkpoint_hash="ckpt-b")
-
-    # flipped bytes inside the stored scores
-    raw = bytearray(open(path, "rb").read())
-    offset = raw.find(index.scores.tobytes()[:32])
-    assert offset > 0
-    flipped = bytearray(raw)
-    flipped[offset + 5] ^= 0xFF
-    flipped_path = tmp_path / "flipped.npz"
-    flipped_path.write_bytes(bytes(flipped))
-    with pytest.raises(SparseIndexFileError, match="flipped.npz"):
-        SparseCodeIndex.read(flipped_path)
-
-    # a well-formed archive whose scores were changed (checksum kept): caught by the sha256
-    with np.load(path) as archive:
-        contents = {name: archive[name] for name in archive.files}
-    contents["scores"] = contents["scores"] * 2
-    tampered_path = tmp_path / "tampered.npz"
-    with open(tampered_path, "wb") as handle:
-        np.savez(handle, **contents)
-    with pytest.raises(SparseIndexFileError, match=r"tampered\.npz.*sha256"):
-        SparseCodeIndex.read(tampered_path)
-
-    # the metadata rewritten to claim another checkpoint: also a checksum failure
-    contents["scores"] = contents["scores"] / 2
-    contents["metadata"] = np.frombuffer(contents["metadata"].tobytes().replace(b"ckpt-a", b"ckpt-b"), np.uint8)
-    relabelled_path = tmp_path / "relabelled.npz"
-    with open(relabelled_path, "wb") as handle:
-        np.savez(handle, **contents)
-    with pytest.raises(SparseIndexFileError, match=r"relabelled\.npz.*sha256"):
-        SparseCodeIndex.read(relabelled_path, expected_checkpoint_hash="ckpt-b")
-
-    truncated_path = tmp_path / "truncated.npz"
-    truncated_path.write_bytes(bytes(raw[: len(raw) // 2]))
-    with pytest.raises(SparseIndexFileError, match="truncated.npz"):
-        SparseCodeIndex.read(truncated_path)
-
-    other_path = tmp_path / "other.npz"
-    np.savez(other_path, weights=np.zeros(3))
-    with pytest.raises(SparseIndexFileError, match=r"other\.npz.*lacks the array 'metadata'"):
-        SparseCodeIndex.read(other_path)
 
 
 @pytest.mark.skipif(not _merge.HAVE_NUMBA, reason="numba not installed")
@@ -327,54 +217,97 @@ def test_numba_decodes_every_float16_value_exactly():
     np.testing.assert_array_equal(scores, halves[::-1].astype(np.float32))
 
 
-def test_choose_key_set():
-    keys, kind = choose_key_set(2, 8, index_max_keys=64)
-    assert kind == "all"
-    np.testing.assert_array_equal(keys, np.arange(64))
-    observed = np.array([[1, 2], [1, 2], [7, 7], [0, 3], [7, 7], [7, 7]])  # codes [n, M]
-    keys, kind = choose_key_set(2, 8, observed, index_max_keys=63)
-    assert kind == "observed"
-    np.testing.assert_array_equal(keys, [3, 10, 63])
-    with pytest.warns(UserWarning, match="3 distinct observed keys exceed index_max_keys=2"):
-        keys, _ = choose_key_set(2, 8, observed, index_max_keys=2)
-    np.testing.assert_array_equal(keys, [10, 63])  # the two most frequent
-    with pytest.raises(ValueError, match="pass the observed_keys"):
-        choose_key_set(2, 8, None, index_max_keys=10)
+def observed_index(matrix, backend, **kwargs):
+    """Index over 4 of the 16 keys; codeword j of each codebook is the scalar j, so the codeword
+    distance of two keys is the squared difference of their codes."""
+    codebooks = np.tile(np.arange(N, dtype=np.float32)[None, :, None], (M, 1, 1))      # [M, N, 1]
+    observed = pack_codes(np.array([[0, 0], [1, 3], [3, 3], [2, 0]]), N)               # keys 0, 7, 15, 8
+    params = dict(num_codebooks=M, codebook_size=N, num_query_tokens=2, codebooks=codebooks, progress=False,
+                  backend=backend)
+    params.update(kwargs)
+    return SparseCodeIndex.build(score_fn_of(matrix), observed, N_ITEMS, -1.0, **params)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_unseen_key_fallback(backend):
-    # codebooks: codeword j of each codebook is the scalar j, so distance = squared code difference
-    codebooks = np.tile(np.arange(N, dtype=np.float32)[None, :, None], (M, 1, 1))  # [M, N, 1]
+def test_unseen_key_policies(backend):
+    assert UNSEEN_KEY_POLICIES == ("nearest", "skip", "score")
     matrix = random_scores(12)
-    observed = pack_codes(np.array([[0, 0], [1, 3], [3, 3], [2, 0]]), N)  # keys 0, 7, 15, 8
-    index = SparseCodeIndex.build(score_fn_of(matrix), observed, N_ITEMS, -1.0, num_codebooks=M, codebook_size=N,
-                                  num_query_tokens=2, codebooks=codebooks, progress=False, backend=backend)
-    assert index.key_set_kind == "observed" and index.n_keys == 4
-    unseen = pack_codes(np.array([1, 2]), N)  # nearest indexed: (1, 3) at distance 1
+    index = observed_index(matrix, backend)
+    assert index.key_set_kind == "observed" and index.n_keys == 4 and index.unseen_key == "nearest"
+    unseen = int(pack_codes(np.array([1, 2]), N))                                       # not indexed
     query = np.array([[unseen, 0]])
+
+    # nearest: (1, 2) is served by the indexed (1, 3) at distance 1
     expected = index.search(np.array([[pack_codes(np.array([1, 3]), N), 0]]), 10)
     for got, want in zip(index.search(query, 10), expected):
         np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(index.search_one(query[0], 10)[1], expected[1][0])
 
-    index.unseen_key = "skip"  # the unseen key adds nothing: same as key 0 alone
+    # skip: the unseen key adds nothing, the result is key 0 alone
+    index.unseen_key = "skip"
     only_zero = np.maximum(matrix[0] + np.float32(-1.0), 0)
-    ids = index.search(query, 10)[1][0]
     ref = np.flatnonzero(only_zero > 0)
+    ids = index.search(query, 10)[1][0]
     np.testing.assert_array_equal(ids, ref[np.lexsort((ref, -only_zero[ref]))][:10])
     np.testing.assert_array_equal(index.search_one(query[0], 10)[1], ids)
 
+    # score: an unindexed key is an error until it is added; then the result is the dense reference
+    index.unseen_key = "score"
+    with pytest.raises(ValueError, match=rf"query key {unseen} is not in the index and unseen_key='score'"):
+        index.search(query, 10)
+    with pytest.raises(ValueError, match="index.add"):
+        index.search_one(query[0], 10)
+    scored = index.copy().add(score_fn_of(matrix), [unseen])
+    with pytest.raises(ValueError, match="not in the index"):
+        index.search(query, 10)                                                         # the original is unchanged
+    ref_scores, ref_ids = dense_topk(matrix, -1.0, query, 10)
+    np.testing.assert_array_equal(scored.search(query, 10)[1], ref_ids)
+    np.testing.assert_allclose(scored.search_one(query[0], 10)[0], ref_scores[0], rtol=1e-6)
+
+    # nearest after add: the added key (1, 2) is now the nearest of (1, 1) (before: (0, 0), tied with (2, 0))
+    index.unseen_key = scored.unseen_key = "nearest"
+    near = np.array([[int(pack_codes(np.array([1, 1]), N)), 0]])
+    np.testing.assert_array_equal(index.search(near, 10)[1], index.search(np.array([[0, 0]]), 10)[1])
+    np.testing.assert_array_equal(scored.search(near, 10)[1], scored.search(query, 10)[1])
+
+    with pytest.raises(ValueError, match=r"unseen_key='random'; expected one of \['nearest', 'skip', 'score'\]"):
+        index.unseen_key = "random"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nearest_needs_codebooks_and_keys_outside_the_key_space_are_errors(backend):
+    matrix = random_scores(12)
+    index = observed_index(matrix, backend)
+    query = np.array([[int(pack_codes(np.array([1, 2]), N)), 0]])
     no_codebooks = SparseCodeIndex(keys=index.keys, indptr=index.indptr, items=index.items, scores=index.scores,
                                    num_codebooks=M, codebook_size=N, n_items=N_ITEMS, key_set_kind="observed",
                                    backend=backend)
     with pytest.raises(ValueError, match="unseen_key='nearest' needs the codebooks"):
         no_codebooks.search(query, 10)
     with pytest.raises(ValueError, match="needs the codebooks"):
-        SparseCodeIndex.build(score_fn_of(matrix), observed, N_ITEMS, -1.0, num_codebooks=M, codebook_size=N,
-                              progress=False)
-    with pytest.raises(ValueError, match=r"query key 16 is outside \[0, N\^M = 16\)"):
-        index.search_one(np.array([16, 0]), 5)
+        observed_index(matrix, backend, codebooks=None)
+    for policy in UNSEEN_KEY_POLICIES:
+        index.unseen_key = policy
+        with pytest.raises(ValueError, match=r"query key 16 is outside \[0, N\^M = 16\)"):
+            index.search_one(np.array([16, 0]), 5)
+
+
+@pytest.mark.parametrize("top_l,score_dtype", [(None, "float32"), (30, "float16")])
+def test_add_equals_building_the_union(top_l, score_dtype):
+    matrix = random_scores(16)
+    common = dict(num_codebooks=M, codebook_size=N, progress=False, checkpoint_hash="h", key_set_kind="observed",
+                  unseen_key="skip", top_l=top_l, score_dtype=score_dtype, key_block=2, item_block=64)
+    part = SparseCodeIndex.build(score_fn_of(matrix), np.array([3, 9, 14]), N_ITEMS, -0.5, **common)
+    union = SparseCodeIndex.build(score_fn_of(matrix), np.array([1, 3, 9, 10, 14, 15]), N_ITEMS, -0.5, **common)
+    queries = np.array([[1, 3], [10, 15], [9, 9]])
+    part_ids = part.search(queries, 20)[1]
+    merged = part.copy().add(score_fn_of(matrix), np.array([15, 1, 10, 9]))             # 9 is indexed already
+    for name in ("keys", "indptr", "items", "scores"):
+        np.testing.assert_array_equal(getattr(merged, name), getattr(union, name))
+    for got, want in zip(merged.search(queries, 20), union.search(queries, 20)):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(part.search(queries, 20)[1], part_ids)                # copy: part unchanged
+    assert part.n_keys == 3 and merged.add(score_fn_of(matrix), np.array([1, 3])) is merged
 
 
 def test_concurrent_searches_from_threads_agree_with_serial():
@@ -397,5 +330,5 @@ def test_invalid_queries_are_rejected(backend):
         index.search(np.array([[0, 1, 2, 99]]), 5)
     with pytest.raises(ValueError, match="built for K_u=4"):
         index.search(np.array([[0, 1]]), 5)
-    with pytest.raises(ValueError, match="k must be a positive int"):
+    with pytest.raises(ValueError, match="k=0; expected a positive int"):
         index.search_one(np.array([0, 1, 2, 3]), 0)

@@ -2,14 +2,13 @@
 import json
 import os
 
-import h5py
 import numpy as np
 import torch
 from fuxictr.features import FeatureMap
 
 from ..errors import DataError
 from .feature_processor import HISTORY_FEATURE
-from .h5 import h5_num_rows, read_h5
+from .h5 import h5_columns, h5_num_rows, open_h5, read_h5
 
 EVAL_COLUMNS = ("gt_indptr", "gt_items", "mask_indptr", "mask_items")
 META_COLUMNS = ("user_row", "raw_user_id", "raw_item_id", "item_index") + EVAL_COLUMNS
@@ -85,8 +84,7 @@ class TrainLoader:
                  num_items=None):
         self.path = path
         self.user_columns = feature_columns(feature_map, "user")
-        with h5py.File(path, "r") as fd:
-            present = set(fd.keys())
+        present = h5_columns(path)
         # train_user_table layout: user columns absent from train.h5 are gathered from users.h5 by user_row
         self.gathered = [c for c in self.user_columns if c not in present]
         self.user_table = None
@@ -106,8 +104,7 @@ class TrainLoader:
         self.batch_size, self.block_size, self.shuffle = batch_size, block_size, shuffle
         self.rng = np.random.RandomState(seed)
         self.feature_map, self.num_items = feature_map, num_items
-        with h5py.File(path, "r") as fd:
-            missing = [c for c in self.columns if c not in fd]
+        missing = [c for c in self.columns if c not in present]
         if missing:
             raise DataError(f"{path}: missing column(s) {missing}")
 
@@ -119,7 +116,7 @@ class TrainLoader:
         return (self.num_rows + self.batch_size - 1) // self.batch_size
 
     def _read_block(self, start, stop):
-        with h5py.File(self.path, "r") as fd:
+        with open_h5(self.path) as fd:
             block = {name: fd[name][start:stop] for name in self.columns}
         if self.user_table is not None:
             rows = block.pop("user_row")
@@ -184,7 +181,7 @@ class TrainLoader:
 
     def item_counts(self, num_items):
         """Training frequency of every item (for popularity sampling and the Popularity model)."""
-        with h5py.File(self.path, "r") as fd:
+        with open_h5(self.path) as fd:
             return np.bincount(fd["item_index"][()], minlength=num_items)
 
 

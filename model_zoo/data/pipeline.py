@@ -1,8 +1,9 @@
 """Raw tables -> FuxiCTR features -> H5 files (DESIGN.md section 4).
 
 `build_dataset(params)` is idempotent: it rebuilds only when a raw file (size and sha256)
-or a build parameter changed since `build_info.json` was written. `build_info.json` is
-written last, so an interrupted build is redone on the next call.
+or a build parameter changed since `build_info.json` was written, or when a built file no
+longer matches the size and sha256 recorded for it. `build_info.json` is written last and
+atomically, so an interrupted build is never taken for a complete one.
 """
 import hashlib
 import json
@@ -22,43 +23,92 @@ BUILD_KEYS = ("source", "feature_cols", "user_id_col", "item_id_col", "time_col"
               "history_ratio", "max_len", "min_history", "split_seed", "min_user_interactions",
               "rating_col", "rating_threshold", "files", "valid_fraction", "train_user_table",
               "train_history")
-BUILD_VERSION = 2
+BUILD_VERSION = 3
+BUILD_INFO = "build_info.json"
 SPLITS = ("train", "valid", "test")
+# Files a build writes into the data folder; build_info.json records the size and sha256 of each one present.
+BUILT_FILES = tuple(f"{s}.h5" for s in SPLITS) + ("item_corpus.h5", "users.h5", "feature_map.json",
+                                                   "feature_processor.pkl", "feature_vocab.json")
 TRAIN_HISTORIES = ("past", "user_sample")
+HASH_CHUNK_BYTES = 4 << 20
 
 
 def data_dir_of(params):
     return os.path.join(params["data_root"], params["dataset_id"])
 
 
-def _file_digest(path):
+def file_digest(path):
+    """{"bytes": size, "sha256": hex digest} of a file, hashed in chunks (never loaded whole)."""
     sha = hashlib.sha256()
     with open(path, "rb") as fd:
-        for chunk in iter(lambda: fd.read(1 << 20), b""):
+        for chunk in iter(lambda: fd.read(HASH_CHUNK_BYTES), b""):
             sha.update(chunk)
-    return {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256": sha.hexdigest()}
+    return {"bytes": os.path.getsize(path), "sha256": sha.hexdigest()}
+
+
+def _raw_file_record(path):
+    return {"path": os.path.abspath(path), **file_digest(path)}
 
 
 def _build_params(params):
     return json.loads(json.dumps({k: params.get(k) for k in BUILD_KEYS}, default=list))
 
 
-def _is_up_to_date(data_dir, raw_files, build_params):
-    info_path = os.path.join(data_dir, "build_info.json")
-    needed = [f"{s}.h5" for s in SPLITS] + ["item_corpus.h5", "feature_map.json", "feature_processor.pkl"]
+def required_built_files(build_params):
+    """Names of the files every complete build of `build_params` has in its data folder."""
+    names = [f"{s}.h5" for s in SPLITS] + ["item_corpus.h5", "feature_map.json", "feature_processor.pkl"]
     if build_params.get("train_user_table"):
-        needed.append("users.h5")
-    if not os.path.exists(info_path) or not all(os.path.exists(os.path.join(data_dir, n)) for n in needed):
-        return False
+        names.append("users.h5")
+    return names
+
+
+def _read_build_info(data_dir):
+    """The parsed build_info.json of `data_dir`, or None when it is absent or unreadable."""
     try:
-        with open(info_path) as fd:
+        with open(os.path.join(data_dir, BUILD_INFO)) as fd:
             info = json.load(fd)
-    except (OSError, json.JSONDecodeError):
-        return False
-    if info.get("version") != BUILD_VERSION or info.get("params") != build_params:
-        return False
-    old = {f["path"]: (f["bytes"], f["sha256"]) for f in info.get("files", [])}
-    return all(old.get(f["path"]) == (f["bytes"], f["sha256"]) for f in raw_files)
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def verify_built_files(data_dir, info):
+    """What differs between the built files of `data_dir` and their records in `info` (build_info.json).
+
+    Every recorded file must exist with its recorded size and sha256; sizes are compared first, so a
+    truncated file is found without hashing it.
+
+    Args:
+        data_dir: the dataset folder.
+        info: parsed build_info.json of that folder.
+    Returns:
+        list of sentences, one per damaged file, each naming the file and what differs; empty when
+        every file matches.
+    """
+    records = {r.get("name"): r for r in info.get("built_files", []) if isinstance(r, dict)}
+    problems = [f"{os.path.join(data_dir, name)}: not recorded in {BUILD_INFO}"
+                for name in required_built_files(info.get("params") or {}) if name not in records]
+    for name, record in records.items():
+        path = os.path.join(data_dir, str(name))
+        if not os.path.isfile(path):
+            problems.append(f"{path}: missing")
+            continue
+        size = os.path.getsize(path)
+        if size != record.get("bytes"):
+            problems.append(f"{path}: {size} bytes, recorded {record.get('bytes')} (truncated or overwritten)")
+            continue
+        digest = file_digest(path)["sha256"]
+        if digest != record.get("sha256"):
+            problems.append(f"{path}: sha256 {digest[:16]}..., recorded {str(record.get('sha256'))[:16]}... "
+                            "(same size, content changed)")
+    return problems
+
+
+def _missing_raw_files(params, info):
+    """Recorded raw files (or raw_dir itself) that no longer exist."""
+    raw_dir = params.get("raw_dir")
+    missing = [raw_dir] if raw_dir and not os.path.isdir(raw_dir) else []
+    return missing + [r["path"] for r in info.get("files", []) if not os.path.exists(r["path"])]
 
 
 def split_users(user_ids, ratios, seed):
@@ -390,17 +440,85 @@ def _check_train_size(params, user_features, n_rows):
 
 
 def build_dataset(params, force=False):
-    """Build (or reuse) the H5 files of `params['dataset_id']`. Returns the data folder."""
+    """Build (or reuse) the H5 files of `params['dataset_id']`. Returns the data folder.
+
+    The previous build is reused when its build_info.json has this BUILD_VERSION, the same build
+    parameters and raw files (size and sha256), and every built file still has its recorded size and
+    sha256. A damaged built file (missing, truncated, changed) is logged by name and the dataset is
+    rebuilt from the raw files; when the raw files are gone, a verified build is reused as it is.
+
+    Args:
+        params: merged experiment parameters (`model_zoo.config.load_config`).
+        force: rebuild even when the previous build is current.
+    Raises:
+        DataError: a built file is damaged and the raw files to rebuild it are unavailable (the
+            message names both), or the raw data is missing or malformed.
+    """
     data_dir = data_dir_of(params)
-    raw = load_raw(params)
-    raw_files = [_file_digest(p) for p in raw.files]
     build_params = _build_params(params)
-    if not force and _is_up_to_date(data_dir, raw_files, build_params):
+    info = None if force else _read_build_info(data_dir)
+    if info is not None and (info.get("version") != BUILD_VERSION or info.get("params") != build_params):
+        info = None                         # another build version or other build parameters: rebuild
+    problems = verify_built_files(data_dir, info) if info is not None else []
+    for problem in problems:
+        logging.warning(f"Built dataset {params['dataset_id']} does not match {BUILD_INFO}: {problem}")
+    try:
+        raw = load_raw(params)
+    except DataError as exc:
+        missing = _missing_raw_files(info) if info is not None else []
+        if problems:
+            raise DataError(f"built dataset {data_dir} is damaged ({'; '.join(problems)}) and cannot be rebuilt: "
+                            f"{_unavailable_raw(params, missing, exc)}. Restore the raw files (or point raw_dir "
+                            "in the dataset config at them) and run again") from None
+        if not missing:
+            raise
+        logging.warning(f"Raw file(s) of {params['dataset_id']} are gone ({', '.join(missing)}); reusing the "
+                        f"built dataset in {data_dir}, whose files match {BUILD_INFO}")
+        return data_dir
+    raw_files = [_raw_file_record(p) for p in raw.files]
+    if info is not None and not problems and _by_path(info.get("files", [])) == _by_path(raw_files):
         logging.info(f"Reusing built dataset in {data_dir}")
         return data_dir
+    if problems:
+        logging.warning(f"Rebuilding dataset {params['dataset_id']} in {data_dir} from its raw files")
+    _write_dataset(params, raw, raw_files, build_params)
+    return data_dir
+
+
+def _missing_raw_files(info):
+    """Raw files recorded in build_info.json that no longer exist."""
+    return [r["path"] for r in info.get("files", []) if isinstance(r, dict) and not os.path.exists(r["path"])]
+
+
+def _unavailable_raw(params, missing, exc):
+    """Why the raw data cannot be read: the missing folder / files, else the source's own error."""
+    raw_dir = params.get("raw_dir")
+    if raw_dir and not os.path.isdir(raw_dir):
+        return f"raw_dir {raw_dir} does not exist ({exc})"
+    if missing:
+        return f"raw file(s) missing: {', '.join(missing)} ({exc})"
+    return str(exc)
+
+
+def _by_path(records):
+    return {r.get("path"): (r.get("bytes"), r.get("sha256")) for r in records if isinstance(r, dict)}
+
+
+def _write_dataset(params, raw, raw_files, build_params):
+    """Write every built file of one dataset from its raw tables, build_info.json last.
+
+    Args:
+        params: merged experiment parameters.
+        raw: the source's RawData (`load_raw(params)`).
+        raw_files: records ({"path", "bytes", "sha256"}) of the raw files, kept in build_info.json.
+        build_params: the build parameters (`BUILD_KEYS` of params), kept in build_info.json.
+    Returns:
+        the build_info dict that was written.
+    """
+    data_dir = data_dir_of(params)
     started = time.time()
     os.makedirs(data_dir, exist_ok=True)
-    info_path = os.path.join(data_dir, "build_info.json")
+    info_path = os.path.join(data_dir, BUILD_INFO)
     if os.path.exists(info_path):
         os.remove(info_path)        # invalidate first: an interrupted rebuild is redone
     iid = params["item_id_col"]
@@ -438,11 +556,23 @@ def build_dataset(params, force=False):
             columns["raw_user_id"] = user_ids[rows["user_row"]].astype(str)
         write_h5(os.path.join(data_dir, f"{split}.h5"), columns)
         sizes[split] = int(len(rows["user_row"]))
+    built_files = [{"name": name, **file_digest(os.path.join(data_dir, name))}
+                   for name in BUILT_FILES if os.path.isfile(os.path.join(data_dir, name))]
     info = {"version": BUILD_VERSION, "dataset_id": params["dataset_id"], "params": build_params,
-            "files": raw_files, "sizes": sizes, "build_seconds": round(time.time() - started, 2)}
-    tmp = info_path + ".tmp"
-    with open(tmp, "w") as fd:
-        json.dump(info, fd, indent=2)
-    os.replace(tmp, info_path)
+            "files": raw_files, "built_files": built_files, "sizes": sizes,
+            "build_seconds": round(time.time() - started, 2)}
+    _write_json_atomic(info_path, info)
     logging.info(f"Built dataset {params['dataset_id']} in {info['build_seconds']} s: {sizes}")
-    return data_dir
+    return info
+
+
+def _write_json_atomic(path, content):
+    """Write JSON under a temporary name, then rename it into place: readers see all of it or nothing."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as fd:
+            json.dump(content, fd, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -2,7 +2,7 @@
 from .quantizer import ProductQuantizer
 from .interaction import InteractionScorer, INTERACTIONS
 from .sequence_encoders import GRUEncoder, SelfAttentionEncoder
-from .token_heads import InterestHeads, RecentItemHeads, TokenHeads, HEAD_TYPES
+from .token_heads import InterestHeads, TokenHeads, HEAD_TYPES
 
 __all__ = ["ProductQuantizer", "InteractionScorer", "INTERACTIONS", "GRUEncoder", "SelfAttentionEncoder",
-           "TokenHeads", "InterestHeads", "RecentItemHeads", "HEAD_TYPES"]
+           "TokenHeads", "InterestHeads", "HEAD_TYPES"]

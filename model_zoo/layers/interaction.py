@@ -20,13 +20,9 @@ the results by broadcasting. ``maxsim``, ``crossnet`` and ``innerp_dnn`` need th
 
 Stop-gradient. The sg[] of Eq. 9 is there "to avoid affecting the parameters of codebooks". In this
 library the codebooks are buffers updated by EMA, outside autograd, so no loss can reach them whatever
-the scorer does. What sg[] would still cut is the path from the matching loss to the tokenizer through
-the straight-through estimator (or the rotation trick), and that path is the point of
-``quantizer_grad: straight_through`` (and ``rotation``).
-Therefore the scorer does NOT detach the query by default (``stop_gradient_query=False``): the
-quantizer's ``gradient_mode`` alone decides whether the matching loss reaches the tokenizer
-("commitment_only" already returns a detached vector). ``stop_gradient_query=True`` detaches the query
-here as well, for the literal reading of Eq. 9.
+the scorer does. The scorer therefore never detaches the query: the quantizer's ``gradient_mode``
+alone decides whether the matching loss reaches the tokenizer ("straight_through") or not
+("commitment_only" already returns a detached vector, the literal reading of Eq. 9).
 """
 import torch
 from torch import nn
@@ -61,13 +57,7 @@ class InteractionScorer(nn.Module):
             (paper's setting). The MLP ends with a Linear layer to one output.
         activation: hidden activation name for the MLP (torch.nn name). Default "ReLU".
         dropout: dropout rate after every hidden layer of the MLP. Default 0.0.
-        crossnet_layers: number of cross layers for "crossnet" (paper: 3).
-        stop_gradient_query: detach the query token before scoring (see module docstring).
-            Default False.
-        linear_skip: "innerp_dnn" only: add a learned linear map of the products to the MLP's output,
-            S = MLP(x) + w^T x with x = [q * T_1; ...; q * T_Kc] (a weighted dot product, as the wide
-            part of Wide & Deep). w starts at 1, so the score starts as "dot" plus the MLP, and the MLP adds
-            the non-linear interactions on top. Default False (Eq. 9 as written).
+        crossnet_layers: number of cross layers for "crossnet". Default 3 (paper).
     """
 
     def __init__(self,
@@ -77,9 +67,7 @@ class InteractionScorer(nn.Module):
                  hidden_units=None,
                  activation="ReLU",
                  dropout=0.0,
-                 crossnet_layers=3,
-                 stop_gradient_query=False,
-                 linear_skip=False):
+                 crossnet_layers=3):
         super().__init__()
         if interaction not in INTERACTIONS:
             raise ValueError(f"InteractionScorer: interaction={interaction!r}, expected one of {INTERACTIONS}")
@@ -96,11 +84,6 @@ class InteractionScorer(nn.Module):
         self.token_dim = token_dim
         self.num_item_tokens = num_item_tokens
         self.interaction = interaction
-        self.stop_gradient_query = bool(stop_gradient_query)
-        if linear_skip and interaction != "innerp_dnn":
-            raise ValueError(f"InteractionScorer: linear_skip=True needs interaction='innerp_dnn', "
-                             f"got interaction={interaction!r}")
-        self.linear_skip = nn.Linear(num_item_tokens * token_dim, 1, bias=False) if linear_skip else None
 
         items_dim = num_item_tokens * token_dim
         if interaction == "innerp_dnn":
@@ -121,13 +104,6 @@ class InteractionScorer(nn.Module):
         elif interaction == "crossnet":
             self.crossnet = CrossNet(token_dim + items_dim, crossnet_layers)
             self.output_layer = nn.Linear(token_dim + items_dim, 1)
-        self.init_weights()
-
-    def init_weights(self):
-        """w = 1 for the linear skip (also called by FuxiCTR's reset_parameters after its Xavier init)."""
-        if self.linear_skip is not None:
-            with torch.no_grad():
-                self.linear_skip.weight.fill_(1.0)
 
     def forward(self, query, items):
         """query [..., D], items [..., K_c, D] (leading axes broadcastable) -> score [...]."""
@@ -137,18 +113,13 @@ class InteractionScorer(nn.Module):
         if items.dim() < 2 or items.shape[-2] != self.num_item_tokens:
             raise ValueError(f"InteractionScorer: items must be [..., K_c={self.num_item_tokens}, "
                              f"{self.token_dim}], got shape {tuple(items.shape)}")
-        if self.stop_gradient_query:
-            query = query.detach()
         if self.interaction == "dot":
             return (query * items.sum(dim=-2)).sum(dim=-1)
         if self.interaction == "maxsim":
             return (query.unsqueeze(-2) * items).sum(dim=-1).amax(dim=-1)
         if self.interaction == "innerp_dnn":
             products = (query.unsqueeze(-2) * items).flatten(-2)                       # [..., K_c * D]
-            score = self.mlp(products)                                                 # [..., 1]
-            if self.linear_skip is not None:
-                score = score + self.linear_skip(products)
-            return score.squeeze(-1)
+            return self.mlp(products).squeeze(-1)
         items_flat = items.flatten(-2)                                                 # [..., K_c * D]
         if self.interaction == "dnn":
             hidden = self.query_proj(query) + self.items_proj(items_flat)             # [..., H_1]
@@ -166,13 +137,10 @@ class InteractionScorer(nn.Module):
         if self.interaction not in PAIRWISE_INTERACTIONS:
             raise ValueError(f"InteractionScorer.pairwise: interaction={self.interaction!r}; expected one of "
                              f"{list(PAIRWISE_INTERACTIONS)} (use forward for the others)")
-        if self.stop_gradient_query:
-            queries = queries.detach()
         if self.interaction == "dot":
             return queries @ items.sum(dim=-2).t()                                     # [Q, C]
         return torch.einsum("qd,ckd->qck", queries, items).amax(dim=-1)               # [Q, C]
 
     def extra_repr(self):
         return (f"interaction={self.interaction!r}, token_dim={self.token_dim}, "
-                f"num_item_tokens={self.num_item_tokens}, stop_gradient_query={self.stop_gradient_query}, "
-                f"linear_skip={self.linear_skip is not None}")
+                f"num_item_tokens={self.num_item_tokens}")

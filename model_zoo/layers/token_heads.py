@@ -13,18 +13,12 @@
   attention query, softmax_l(q_k . tanh(W x_l)) over the valid slots only, and adds a linear map of a
   summary vector (the profile). Unlike ``senet`` the weights depend on what a slot contains, not on its
   position, so each token can gather the history items of one interest.
-- ``recent`` (``RecentItemHeads``): token k is built from the k-th most recent valid history slot, by one
-  linear map shared by all tokens, plus a linear map of the summary. Each token then stands for one
-  recent behaviour (an item and its context), so K_u tokens quantized and scored separately, then summed
-  through relu (Eq. 10-11), act like item-to-item retrieval from the K_u latest items: an OR over
-  interests that no single blended vector can express. The shared map makes a code depend on the item,
-  not on its position, so the same item gives the same key whichever token carries it.
 """
 import torch
 from torch import nn
 from fuxictr.pytorch.layers import SqueezeExcitation
 
-HEAD_TYPES = ("linear", "senet", "attention", "recent")
+HEAD_TYPES = ("linear", "senet", "attention")
 _FIXED_SLOT_TYPES = ("linear", "senet")
 
 
@@ -46,9 +40,8 @@ class TokenHeads(nn.Module):
         head_type: "linear" (default) or "senet".
         num_fields: number of fields of a [B, num_fields, input_dim] input; required for "senet",
             optional for "linear" (then the input is flattened). Default None.
-        reduction_ratio: bottleneck ratio of the squeeze-excitation ("senet"). Default 3.
-        excitation_activation: "Sigmoid" (default, as in the SENet paper) or "ReLU" (as in FiBiNET)
-            at the end of every excitation ("senet").
+        reduction_ratio: bottleneck ratio of the squeeze-excitation ("senet"). Default 3. Every
+            excitation ends with a sigmoid, as in the SENet paper.
     """
 
     def __init__(self,
@@ -57,22 +50,18 @@ class TokenHeads(nn.Module):
                  token_dim=64,
                  head_type="linear",
                  num_fields=None,
-                 reduction_ratio=3,
-                 excitation_activation="Sigmoid"):
+                 reduction_ratio=3):
         super().__init__()
         if head_type not in _FIXED_SLOT_TYPES:
-            hint = {"attention": " (use InterestHeads for 'attention')",
-                    "recent": " (use RecentItemHeads for 'recent')"}.get(head_type, "")
+            hint = " (use InterestHeads for 'attention')" if head_type == "attention" else ""
             raise ValueError(f"TokenHeads: head_type={head_type!r}, expected one of {_FIXED_SLOT_TYPES}{hint}")
-        _check_positive_ints("TokenHeads", input_dim=input_dim, num_tokens=num_tokens, token_dim=token_dim)
+        _check_positive_ints("TokenHeads", input_dim=input_dim, num_tokens=num_tokens, token_dim=token_dim,
+                             reduction_ratio=reduction_ratio)
         if num_fields is not None and (isinstance(num_fields, bool) or not isinstance(num_fields, int)
                                        or num_fields < 1):
             raise ValueError(f"TokenHeads: num_fields must be a positive int or None, got {num_fields!r}")
         if head_type == "senet" and num_fields is None:
             raise ValueError("TokenHeads: head_type='senet' needs num_fields (input [B, num_fields, input_dim])")
-        if str(excitation_activation).lower() not in ("sigmoid", "relu"):
-            raise ValueError(f"TokenHeads: excitation_activation={excitation_activation!r}, "
-                             f"expected 'Sigmoid' or 'ReLU'")
         self.input_dim = input_dim
         self.num_tokens = num_tokens
         self.token_dim = token_dim
@@ -83,7 +72,7 @@ class TokenHeads(nn.Module):
             self.heads = nn.Linear(flat_dim, num_tokens * token_dim)
         else:
             self.excitations = nn.ModuleList(
-                SqueezeExcitation(num_fields, reduction_ratio, excitation_activation) for _ in range(num_tokens))
+                SqueezeExcitation(num_fields, reduction_ratio, "Sigmoid") for _ in range(num_tokens))
             self.heads = nn.ModuleList(nn.Linear(flat_dim, token_dim) for _ in range(num_tokens))
 
     def forward(self, inputs):
@@ -149,41 +138,6 @@ class InterestHeads(nn.Module):
         pooled = self.attention(slots, mask.bool()) @ slots                             # [B, K, D]
         tokens = torch.einsum("bkd,kdt->bkt", pooled, self.pool_heads)                 # [B, K, D_T]
         return tokens + self.summary_heads(summary).view(-1, self.num_tokens, self.token_dim)
-
-    def extra_repr(self):
-        return f"input_dim={self.input_dim}, num_tokens={self.num_tokens}, token_dim={self.token_dim}"
-
-
-class RecentItemHeads(nn.Module):
-    """One token per recent behaviour: slots [B, L, D] (left-padded) with a mask and a summary [B, H] -> [B, K, D_T].
-
-    token_k = P x_(k) + Q summary + c, where x_(k) is the slot at position L - k (the k-th most recent for a
-    left-padded history), zeroed when that position is padding. P, Q, c are shared by the tokens.
-
-    Args:
-        input_dim: D, size of every slot.
-        summary_dim: H, size of the summary vector.
-        num_tokens: K, tokens produced; at most the history length L.
-        token_dim: D_T, size of every token.
-    """
-
-    def __init__(self, input_dim=64, summary_dim=64, num_tokens=2, token_dim=64):
-        super().__init__()
-        _check_positive_ints("RecentItemHeads", input_dim=input_dim, summary_dim=summary_dim, num_tokens=num_tokens,
-                             token_dim=token_dim)
-        self.input_dim, self.num_tokens, self.token_dim = input_dim, num_tokens, token_dim
-        self.slot_map = nn.Linear(input_dim, token_dim, bias=False)
-        self.summary_map = nn.Linear(summary_dim, token_dim)
-
-    def forward(self, slots, mask, summary):
-        if slots.dim() != 3 or slots.shape[2] != self.input_dim or tuple(mask.shape) != tuple(slots.shape[:2]):
-            raise ValueError(f"RecentItemHeads: slots {tuple(slots.shape)} and mask {tuple(mask.shape)}, expected "
-                             f"[B, L, {self.input_dim}] and [B, L]")
-        if slots.shape[1] < self.num_tokens:
-            raise ValueError(f"RecentItemHeads: history length {slots.shape[1]} < num_tokens={self.num_tokens}")
-        recent = slots[:, -self.num_tokens:].flip(1)                                   # [B, K, D], newest first
-        recent = recent * mask[:, -self.num_tokens:].flip(1).unsqueeze(-1).to(slots.dtype)
-        return self.slot_map(recent) + self.summary_map(summary).unsqueeze(1)          # [B, K, D_T]
 
     def extra_repr(self):
         return f"input_dim={self.input_dim}, num_tokens={self.num_tokens}, token_dim={self.token_dim}"

@@ -19,26 +19,16 @@ Token heads (``layers.token_heads.TokenHeads``):
 - ``attention``: multi-interest attention (``InterestHeads``): every token pools the history with its own
   content-based attention (the raw history item embeddings for dnn, the encoder outputs for gru / sa;
   padding masked) and adds a linear map of f. Needs the history for every tokenizer, dnn included.
-- ``recent``: one token per recent behaviour (``RecentItemHeads``): token k maps the k-th most recent
-  history slot (raw item embedding for dnn, encoder output for gru / sa) and adds a linear map of f.
-  Needs the history; num_tokens <= history_len.
-
-``normalize_tokens``: every token is layer-normalised (no affine parameters) before it leaves the
-tokenizer, so tokens keep a fixed scale (norm sqrt(D_T)) while they are quantized. Without it,
-tokens start tiny (FuxiCTR embeddings are initialised with std 1e-4), codebooks fitted to them
-(k-means on the first batch) end up far from the tokens once the tokens grow, and most codewords
-go unused.
 """
 import torch
 from torch import nn
-from torch.nn import functional as F
 from fuxictr.pytorch.layers import MLP_Block
 
 from .sequence_encoders import GRUEncoder, SelfAttentionEncoder
-from .token_heads import HEAD_TYPES, InterestHeads, RecentItemHeads, TokenHeads
+from .token_heads import HEAD_TYPES, InterestHeads, TokenHeads
 
 TOKENIZERS = ("dnn", "gru", "sa")
-HISTORY_HEADS = ("attention", "recent")  # token heads that read the history slots
+HISTORY_HEADS = ("attention",)  # token heads that read the history slots
 
 
 class UserTokenizer(nn.Module):
@@ -51,14 +41,13 @@ class UserTokenizer(nn.Module):
             the profile fields without the history for "gru" / "sa"; may be 0 for those).
         num_tokens: K_u, tokens produced.
         token_dim: D_T, size of every token.
-        token_heads: "linear" (default) | "senet" | "attention" | "recent".
+        token_heads: "linear" (default) | "senet" | "attention".
         hidden_units: hidden layers of the MLP that produces f. Empty: f is its input as it is.
         hidden_activations: activation of that MLP. Default "ReLU".
         dropout: dropout of the MLP and of the self-attention encoder. Default 0.0.
         history_len: L, length of the history (position table of "sa"; slot count of "senet").
         num_layers: self-attention blocks ("sa"). Default 2.
         num_heads: attention heads ("sa"); must divide ``embedding_dim``. Default 1.
-        normalize_tokens: layer-normalise every token (see module docstring). Default True.
     """
 
     def __init__(self,
@@ -73,8 +62,7 @@ class UserTokenizer(nn.Module):
                  dropout=0.0,
                  history_len=20,
                  num_layers=2,
-                 num_heads=1,
-                 normalize_tokens=True):
+                 num_heads=1):
         super().__init__()
         if tokenizer not in TOKENIZERS:
             raise ValueError(f"UserTokenizer: tokenizer={tokenizer!r}, expected one of {TOKENIZERS}")
@@ -96,7 +84,6 @@ class UserTokenizer(nn.Module):
         self.num_fields = num_fields
         self.history_len = history_len
         self.token_dim = token_dim
-        self.normalize_tokens = bool(normalize_tokens)
         self.needs_history = tokenizer != "dnn" or token_heads in HISTORY_HEADS
 
         if tokenizer == "gru":
@@ -115,11 +102,6 @@ class UserTokenizer(nn.Module):
             self.heads = TokenHeads(summary_dim, num_tokens, token_dim, "linear")
         elif token_heads == "attention":
             self.heads = InterestHeads(embedding_dim, summary_dim, num_tokens, token_dim)
-        elif token_heads == "recent":
-            if num_tokens > history_len:
-                raise ValueError(f"UserTokenizer: token_heads='recent' needs num_tokens <= history_len, got "
-                                 f"num_tokens={num_tokens}, history_len={history_len}")
-            self.heads = RecentItemHeads(embedding_dim, summary_dim, num_tokens, token_dim)
         else:
             num_slots = num_fields + 1 + (history_len if self.encoder is not None else 0)
             self.summary_slot = nn.Linear(summary_dim, embedding_dim)
@@ -146,16 +128,11 @@ class UserTokenizer(nn.Module):
             slots.insert(0, sequence)
         summary = self.mlp(features)                                                   # [B, H]
         if self.head_type in HISTORY_HEADS:
-            tokens = self.heads(sequence, mask, summary)                               # [B, K_u, D_T]
-        elif self.summary_slot is None:
-            tokens = self.heads(summary)                                               # [B, K_u, D_T]
-        else:
-            slots.append(self.summary_slot(summary).unsqueeze(1))                      # [B, 1, D]
-            tokens = self.heads(torch.cat(slots, dim=1))                               # [B, K_u, D_T]
-        if self.normalize_tokens:
-            tokens = F.layer_norm(tokens, (self.token_dim,))
-        return tokens
+            return self.heads(sequence, mask, summary)                                 # [B, K_u, D_T]
+        if self.summary_slot is None:
+            return self.heads(summary)                                                 # [B, K_u, D_T]
+        slots.append(self.summary_slot(summary).unsqueeze(1))                          # [B, 1, D]
+        return self.heads(torch.cat(slots, dim=1))                                     # [B, K_u, D_T]
 
     def extra_repr(self):
-        return (f"tokenizer={self.tokenizer!r}, token_heads={self.head_type!r}, "
-                f"normalize_tokens={self.normalize_tokens}")
+        return f"tokenizer={self.tokenizer!r}, token_heads={self.head_type!r}"

@@ -5,19 +5,19 @@ models/__init__.py (which registers every MatchModel subclass it finds) does not
 model. A model combines it with MatchModel: `class GRU4Rec(SequentialTwoTower, MatchModel)`,
 builds its history encoder and calls `_build_towers` in its constructor.
 """
+from ..base import VectorServable
 from ..data.feature_processor import HISTORY_FEATURE
 from ..layers.field_embedding import FieldEmbedding
 from ..layers.towers import FieldMLPTower, SequenceUserTower
 
 
-class SequentialTwoTower:
+class SequentialTwoTower(VectorServable):
     """User tower = history encoder (+ static user fields) -> MLP; item tower = MLP over the item
     fields; score = <user vector, item vector>.
 
     Serving follows DSSM's convention: `encode_users -> [B, d]`, `encode_items -> [C, d]`, and
     `score_matrix` is a matrix product, so the vectors can go into a faiss inner-product index.
     """
-    two_tower = True
 
     def _build_towers(self, feature_map, embedding_dim, encoder, encoder_dim, output_dim, user_hidden_units,
                       item_hidden_units, hidden_activations, net_dropout, batch_norm, use_user_features,

@@ -46,7 +46,6 @@ class AllToAllSA(MatchModel):
             progress bar (and its time estimate) advances often. Default 65536.
         **kwargs: MatchModel arguments.
     """
-    two_tower = False
     ranking_log_seconds = 30.0      # MatchModel.retrieve logs progress and remaining time this often
 
     def __init__(self, feature_map, model_id="AllToAllSA", embedding_dim=64, num_layers=3, num_heads=1,
@@ -80,7 +79,6 @@ class AllToAllSA(MatchModel):
                                             use_positions=True, ffn_dim=ffn_dim)
         self.head = MLP_Block(embedding_dim, list(hidden_units), hidden_activations, output_dim=1,
                               dropout_rates=net_dropout)
-        self.compile()
         self.reset_parameters()
         self.model_to_device()
 

@@ -2,11 +2,11 @@
 import torch.nn.functional as F
 from fuxictr.pytorch.layers import MLP_Block
 
-from ..base import MatchModel
+from ..base import MatchModel, VectorServable
 from ..layers.field_embedding import FieldEmbedding
 
 
-class DSSM(MatchModel):
+class DSSM(MatchModel, VectorServable):
     """Two DNN towers over each side's FuxiCTR field embeddings; score = <u, v> (or cosine).
 
     Args:
@@ -22,7 +22,6 @@ class DSSM(MatchModel):
         similarity: `dot` or `cosine`.
         **kwargs: MatchModel arguments.
     """
-    two_tower = True
 
     def __init__(self, feature_map, model_id="DSSM", embedding_dim=64, output_dim=None,
                  user_hidden_units=(256, 256, 256), item_hidden_units=(256, 256, 256), hidden_activations="ReLU",
@@ -38,7 +37,6 @@ class DSSM(MatchModel):
                                     hidden_activations, output_dim, dropout_rates=net_dropout, batch_norm=batch_norm)
         self.item_tower = MLP_Block(self.embedding.num_fields("item") * embedding_dim, list(item_hidden_units),
                                     hidden_activations, output_dim, dropout_rates=net_dropout, batch_norm=batch_norm)
-        self.compile()
         self.reset_parameters()
         self.model_to_device()
 

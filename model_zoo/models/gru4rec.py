@@ -37,6 +37,5 @@ class GRU4Rec(SequentialTwoTower, MatchModel):
         self._build_towers(feature_map, embedding_dim, encoder, gru_hidden_dim, output_dim or embedding_dim,
                            user_hidden_units, item_hidden_units, hidden_activations, net_dropout, batch_norm,
                            use_user_features)
-        self.compile()
         self.reset_parameters()
         self.model_to_device()

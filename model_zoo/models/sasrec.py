@@ -50,6 +50,5 @@ class SASRec(SequentialTwoTower, MatchModel):
         self._build_towers(feature_map, embedding_dim, encoder, embedding_dim, output_dim or embedding_dim,
                            user_hidden_units, item_hidden_units, hidden_activations, net_dropout, batch_norm,
                            use_user_features, input_scale=math.sqrt(embedding_dim) if scale_embeddings else 1.0)
-        self.compile()
         self.reset_parameters()
         self.model_to_device()

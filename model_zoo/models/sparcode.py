@@ -9,13 +9,12 @@ codes, so evaluation scores each distinct code once, and an index can be built f
 `score_codes` without running the tokenizer.
 """
 import contextlib
-import logging
 
 import torch
 from torch import nn
 from fuxictr.pytorch.layers import MLP_Block
 
-from ..base import MatchModel
+from ..base import CodeIndexable, MatchModel
 from ..data.feature_processor import HISTORY_FEATURE
 from ..layers.field_embedding import FieldEmbedding
 from ..layers.interaction import INTERACTIONS, PAIRWISE_INTERACTIONS, InteractionScorer
@@ -26,7 +25,7 @@ from ..layers.tokenizers import HISTORY_HEADS, TOKENIZERS, UserTokenizer
 PAIR_BUDGET = 1 << 24     # floats of one scorer chunk: pairs x (input width + hidden units)
 
 
-class SparCode(MatchModel):
+class SparCode(MatchModel, CodeIndexable):
     """SparCode with an exact full-ranking evaluation (the index path lives in retrieval/).
 
     Args:
@@ -34,9 +33,8 @@ class SparCode(MatchModel):
         model_id: experiment id.
         embedding_dim: D, size of the field embeddings.
         tokenizer: user encoder, "dnn" (default) | "gru" | "sa".
-        token_heads: "linear" (default) | "senet" | "attention" (multi-interest attention over the history) |
-            "recent" (one token per recent history item), how the K_u user tokens are produced
-            (layers/token_heads.py).
+        token_heads: "linear" (default) | "senet" | "attention" (multi-interest attention over the history),
+            how the K_u user tokens are produced (layers/token_heads.py).
         num_query_tokens: K_u, tokens (codes) per user. Default 2.
         num_item_tokens: K_c, tokens per item (linear heads). Default 2.
         token_dim: D_T, token size (default: embedding_dim); divisible by num_codebooks.
@@ -44,23 +42,10 @@ class SparCode(MatchModel):
         codebook_size: N, codewords per codebook. Default 256.
         codebook_decay: gamma of the EMA codebook update. Default 0.99.
         commitment_weight: lambda of Eq. 14. Default 0.25.
-        quantizer_grad: "straight_through" (default; the matching loss reaches the tokenizer),
-            "commitment_only" (the literal sg[] reading: only the commitment loss trains the tokenizer) or
-            "rotation" (the matching loss reaches the tokenizer through the rotation trick, layers/quantizer.py).
-        dead_code_threshold: restart codewords whose EMA cluster size is below it; 0 = never. Default 1e-2.
-        kmeans_init: set the codebooks by k-means on the first training batch. Default True.
-        quantizer_warmup_steps: training steps during which the scorer is fed the unquantized tokens
-            (the quantizer runs, its codebooks follow the tokens, evaluation uses the codes). 0 (default)
-            quantizes from the first step as in the paper.
-        freeze_codes_after_warmup: after the warm-up, freeze the user side (the field embeddings, which the
-            item side shares, the tokenizer and the codebooks, so every user's codes stay fixed) and train only
-            the item encoder, item heads, scorer and b, on the quantized tokens. Default False: after the
-            warm-up everything trains on the quantized tokens through `quantizer_grad`, as in the paper.
-            Needs quantizer_warmup_steps > 0.
+        quantizer_grad: "straight_through" (default; the matching loss reaches the tokenizer) or
+            "commitment_only" (the literal sg[] reading: only the commitment loss trains the tokenizer).
         interaction: scorer, "dot" | "maxsim" | "crossnet" | "dnn" | "innerp_dnn" (default, Eq. 9).
         hidden_units: MLP of the "dnn" / "innerp_dnn" scorer. Default [256, 256, 256] (paper).
-        scorer_linear_skip: "innerp_dnn" only: add a weighted dot product (a linear map of the products) to
-            the scorer MLP's output (layers/interaction.py). Default False (Eq. 9 as written).
         tokenizer_hidden_units: MLP of the tokenizer. Default [256].
         item_hidden_units: MLP over the item field embeddings before the K_c linear item heads (the item
             encoder E_2 of Eq. 3). Default [] (the heads read the field embeddings directly).
@@ -72,19 +57,18 @@ class SparCode(MatchModel):
         net_dropout: dropout of the tokenizer and the scorer MLP. Default 0.1.
         num_layers: self-attention blocks of the "sa" tokenizer. Default 2.
         num_heads: attention heads of the "sa" tokenizer. Default 1.
-        normalize_tokens: layer-normalise the user tokens before quantization (fixed scale; see
-            layers/tokenizers.py). Default True.
         **kwargs: MatchModel arguments.
     """
+
+    default_callbacks = {"codebook_stats": {}}
 
     def __init__(self, feature_map, model_id="SparCode", embedding_dim=64, tokenizer="dnn", token_heads="linear",
                  num_query_tokens=2, num_item_tokens=2, token_dim=None, num_codebooks=2, codebook_size=256,
                  codebook_decay=0.99, commitment_weight=0.25, quantizer_grad="straight_through",
-                 dead_code_threshold=1e-2, kmeans_init=True, quantizer_warmup_steps=0,
-                 freeze_codes_after_warmup=False, interaction="innerp_dnn",
-                 scorer_linear_skip=False, hidden_units=(256, 256, 256), tokenizer_hidden_units=(256,),
+                 interaction="innerp_dnn",
+                 hidden_units=(256, 256, 256), tokenizer_hidden_units=(256,),
                  item_hidden_units=(), hidden_activations="ReLU", sparse_bias_init=1.0, net_dropout=0.1, num_layers=2,
-                 num_heads=1, normalize_tokens=True, **kwargs):
+                 num_heads=1, **kwargs):
         super().__init__(feature_map, model_id=model_id, **kwargs)
         for name, value, allowed in (("tokenizer", tokenizer, TOKENIZERS), ("token_heads", token_heads, HEAD_TYPES),
                                      ("interaction", interaction, INTERACTIONS),
@@ -110,8 +94,7 @@ class SparCode(MatchModel):
         history_len = feature_map.features.get(HISTORY_FEATURE, {}).get("max_len", 1)
         self.tokenizer = UserTokenizer(tokenizer, embedding_dim, self.embedding.num_fields("user", exclude),
                                        num_query_tokens, token_dim, token_heads, tokenizer_hidden_units,
-                                       hidden_activations, net_dropout, history_len, num_layers, num_heads,
-                                       normalize_tokens)
+                                       hidden_activations, net_dropout, history_len, num_layers, num_heads)
         item_input_dim = self.embedding.num_fields("item") * embedding_dim
         if not isinstance(item_hidden_units, (list, tuple)) or any(
                 isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in item_hidden_units):
@@ -122,25 +105,14 @@ class SparCode(MatchModel):
         self.item_heads = TokenHeads(item_hidden_units[-1] if item_hidden_units else item_input_dim,
                                      num_item_tokens, token_dim)
         self.quantizer = ProductQuantizer(token_dim, num_codebooks, codebook_size, decay=codebook_decay,
-                                          commitment_weight=commitment_weight, gradient_mode=quantizer_grad,
-                                          dead_code_threshold=dead_code_threshold, kmeans_init=kmeans_init)
+                                          commitment_weight=commitment_weight, gradient_mode=quantizer_grad)
         self.scorer = InteractionScorer(token_dim, num_item_tokens, interaction, hidden_units, hidden_activations,
-                                        dropout=net_dropout, linear_skip=scorer_linear_skip)
+                                        dropout=net_dropout)
         self.bias = nn.Parameter(torch.tensor(float(sparse_bias_init)))    # b of Eq. 10
         self.pair_width = (num_item_tokens + 1) * token_dim + sum(hidden_units or ())
-        if isinstance(quantizer_warmup_steps, bool) or not isinstance(quantizer_warmup_steps, int) \
-                or quantizer_warmup_steps < 0:
-            raise ValueError(f"SparCode: quantizer_warmup_steps={quantizer_warmup_steps!r}; expected an int >= 0")
-        if not isinstance(freeze_codes_after_warmup, bool):
-            raise ValueError(f"SparCode: freeze_codes_after_warmup={freeze_codes_after_warmup!r}; "
-                             f"expected true or false")
-        if freeze_codes_after_warmup and quantizer_warmup_steps == 0:
-            raise ValueError("SparCode: freeze_codes_after_warmup=True needs quantizer_warmup_steps > 0 (the user "
-                             "side is frozen when the warm-up ends); got quantizer_warmup_steps=0")
-        self.quantizer_warmup_steps, self.train_steps = quantizer_warmup_steps, 0
-        self.freeze_codes_after_warmup, self.codes_frozen = freeze_codes_after_warmup, False
-        self._commit_loss, self._epoch_keys, self._epoch_commit, self._zero_scores = None, [], [], [0, 0]
-        self.compile()
+        # Set by the Trainer's callbacks (engine/callbacks.py): quantizer_warmup, freeze_codes.
+        self.feed_unquantized_tokens, self.codes_frozen = False, False
+        self._commit_loss, self.step_stats = None, None
         self.reset_parameters()
         self.model_to_device()
 
@@ -159,25 +131,20 @@ class SparCode(MatchModel):
     def encode_users(self, inputs):
         """(quantized tokens [B, K_u, D_T], keys [B, K_u] int64).
 
-        During the first `quantizer_warmup_steps` training calls the scorer gets the tokens themselves
-        (detached under commitment_only) while the quantizer still runs and its codebooks track them.
-        With `freeze_codes_after_warmup`, later calls run the frozen user side without autograd.
+        With `feed_unquantized_tokens` (the quantizer warm-up) a training call gives the scorer the tokens
+        themselves (detached under commitment_only) while the quantizer still runs and its codebooks track
+        them. With `codes_frozen` the user side runs without autograd.
         """
-        if self.training and self.freeze_codes_after_warmup and self.train_steps >= self.quantizer_warmup_steps:
-            self.freeze_user_side()
         with torch.no_grad() if self.codes_frozen else contextlib.nullcontext():
             tokens = self.user_tokens(inputs)                                               # [B, K_u, D_T]
         quantized, codes, commit_loss = self.quantizer(tokens)
         keys = self.quantizer.pack_keys(codes)                                              # [B, K_u]
         if self.training:
-            if self.train_steps < self.quantizer_warmup_steps:
+            if self.feed_unquantized_tokens:
                 quantized = tokens if self.quantizer.gradient_mode != "commitment_only" else tokens.detach()
-            self.train_steps += 1
             self._commit_loss = None if self.codes_frozen else commit_loss                # frozen: a constant
-            self._epoch_commit.append(float(self.quantizer.last_raw_commitment))
-            self._epoch_keys.append(torch.unique(keys))
-            if len(self._epoch_keys) >= 64:
-                self._epoch_keys = [torch.unique(torch.cat(self._epoch_keys))]
+            self.step_stats = {"keys": keys, "commitment": float(self.quantizer.last_raw_commitment),
+                               "zero_scores": 0, "scores": 0}
         return quantized, keys
 
     def freeze_user_side(self):
@@ -188,8 +155,6 @@ class SparCode(MatchModel):
             module.requires_grad_(False)
         self.quantizer.freeze_codebooks = self.codes_frozen = True
         self.train(self.training)
-        logging.info(f"{self.model_id}: step {self.train_steps}: user side frozen (embeddings, tokenizer, "
-                     f"codebooks); the item side and b now train on the quantized tokens")
 
     def train(self, mode=True):
         super().train(mode)
@@ -206,9 +171,9 @@ class SparCode(MatchModel):
     def _sparse_sum(self, scores):
         """Eq. 10-11: [..., K_u] raw scores S -> sum_k relu(S_k + b) [...]."""
         sparse = torch.relu(scores + self.bias)
-        if self.training:
-            self._zero_scores[0] += int((sparse == 0).sum())
-            self._zero_scores[1] += sparse.numel()
+        if self.training and self.step_stats is not None:
+            self.step_stats["zero_scores"] += int((sparse == 0).sum())
+            self.step_stats["scores"] += sparse.numel()
         return sparse.sum(-1)
 
     def _pair_scores(self, queries, items, item_chunk=4096):
@@ -248,18 +213,6 @@ class SparCode(MatchModel):
     def auxiliary_loss(self):
         """Commitment loss (x lambda) of the last encode_users call in training mode."""
         return 0.0 if self._commit_loss is None else self._commit_loss
-
-    def epoch_stats(self):
-        """Codebook usage of the training batches since the last call (then reset)."""
-        usage = self.quantizer.codebook_usage(reset=True)
-        keys = torch.unique(torch.cat(self._epoch_keys)) if self._epoch_keys else torch.zeros(0)
-        commit = sum(self._epoch_commit) / max(len(self._epoch_commit), 1)
-        zero_fraction = self._zero_scores[0] / max(self._zero_scores[1], 1)
-        self._epoch_keys, self._epoch_commit, self._zero_scores = [], [], [0, 0]
-        return {"codebook_perplexity": [round(p, 2) for p in usage["perplexity"]],
-                "dead_codewords": usage["dead_codewords"], "codeword_restarts": usage["restarts"],
-                "distinct_codes": int(keys.numel()), "commitment": round(commit, 5),
-                "zero_score_fraction": round(zero_fraction, 4), "sparse_bias": round(self.sparse_bias, 5)}
 
     # ---- serving hooks (index issue) ------------------------------------------------
     @contextlib.contextmanager

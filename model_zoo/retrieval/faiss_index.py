@@ -34,6 +34,24 @@ def _as_matrix(vectors, what, dim=None):
     return vectors
 
 
+class FaissThreads:
+    """Context manager: faiss OpenMP threads set to num_threads inside (None: unchanged), restored after."""
+
+    def __init__(self, num_threads=None):
+        self.num_threads, self.previous = num_threads, None
+
+    def __enter__(self):
+        if self.num_threads is not None:
+            self.previous = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(int(self.num_threads))
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            faiss.omp_set_num_threads(self.previous)
+        return False
+
+
 class FaissRetriever:
     """Top-k inner-product search over item vectors with faiss.
 
@@ -183,6 +201,12 @@ class FaissRetriever:
         scores[rows, slot[rows, cols]] = raw_scores[rows, cols]
         ids[rows, slot[rows, cols]] = raw_ids[rows, cols]
         return scores, ids
+
+    def serialized_bytes(self):
+        """Size in bytes of the serialized faiss index (what ``write`` stores, without the header)."""
+        if self.index is None:
+            raise ValueError("the index has not been built (call train/add first)")
+        return int(faiss.serialize_index(self.index).nbytes)
 
     def write(self, path):
         """Write params + the faiss index to ``path`` atomically (temp file, then os.replace)."""

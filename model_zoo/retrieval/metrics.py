@@ -170,3 +170,46 @@ def topk_metrics(topk_items, gt_indptr, gt_items, ks=(20, 50),
         for k, values in per_k.items():
             results[f"{metric}(k={k})"] = float(values[metric].mean())
     return results
+
+
+TIE_RTOL = 1e-5  # relative tolerance under which two exact scores count as tied at the top-k cut-off
+
+
+def tie_aware_hits(approx_ids, exact_scores_of_approx, reference_scores, min_score=None):
+    """Per user, how many of the exact top-k an approximate top-k list found, counting near-ties as found.
+
+    The reference is the exact top-k (masked items removed; with ``min_score``, only entries above it:
+    for SparCode items with score 0 are tied and unordered). A returned item counts when its exact score
+    is >= the last reference score minus TIE_RTOL * (1 + |score|), so a near-tie swapped at the cut-off
+    is not a miss; hits are capped at the reference size.
+
+    Args:
+        approx_ids: int [B, k] returned ids (-1 = empty slot).
+        exact_scores_of_approx: float [B, k] exact scores of approx_ids (ignored where the id is -1).
+        reference_scores: float [B, k] exact top-k scores, best first (-inf = masked / empty).
+        min_score: if set, only reference entries with score > min_score count.
+
+    Returns:
+        (hits int64 [B], sizes int64 [B]); hits <= sizes.
+    """
+    reference_scores = np.asarray(reference_scores, dtype=np.float64)
+    valid_ref = np.isfinite(reference_scores)                                            # [B, k]
+    if min_score is not None:
+        valid_ref &= reference_scores > min_score
+    sizes = valid_ref.sum(axis=1).astype(np.int64)                                       # [B]
+    last = np.where(sizes > 0, sizes - 1, 0)
+    threshold = reference_scores[np.arange(reference_scores.shape[0]), last]             # [B]
+    threshold = threshold - TIE_RTOL * (1.0 + np.abs(threshold))
+    scores = np.asarray(exact_scores_of_approx, dtype=np.float64)
+    good = (np.asarray(approx_ids) >= 0) & (scores >= threshold[:, None])                # [B, k]
+    if min_score is not None:
+        good &= scores > min_score
+    hits = np.minimum(good.sum(axis=1), sizes).astype(np.int64)
+    return hits, sizes
+
+
+def recall_vs_exact(hits, sizes):
+    """Mean over users with a non-empty reference of hits / reference size (nan if there is none)."""
+    hits, sizes = np.asarray(hits), np.asarray(sizes)
+    used = sizes > 0
+    return float((hits[used] / sizes[used]).mean()) if used.any() else float("nan")

@@ -1,313 +1,110 @@
-"""SparCode sparse inverted index (paper Sec. 3.3, Eq. 15; statistics of Sec. 4.4).
+"""SparCode sparse inverted index: structure, build from a score function, query (paper Sec. 3.3, Eq. 11, 15).
 
-Model-independent core: the index only sees a score function ``score_fn(keys, start, stop)``
-that returns the raw code-item scores S (before the ReLU) of a block of keys against items
-start..stop-1. A *key* is a full code tuple (k_1, .., k_M), k_m in [0, N), packed into one int64:
+The index sees the model only through a score function ``score_fn(keys, item_start, item_stop)``
+returning the raw code-item scores S (before the ReLU) of a block of keys against a block of items
+(model_zoo/retrieval/score_blocks.py). A key is a full code tuple (k_1, .., k_M) packed into one int64
+(model_zoo/retrieval/code_keys.py).
 
-    key = sum_m k_m * N ** (M - 1 - m)           (pack_codes / unpack_keys)
-
-Build: for every key of the key set, the sparse score relu(S + b~) (Eq. 15, b~ = ``sparsity_bias``,
-the "sparsity control") is computed against every item in [key_block, item_block] blocks; only
-positive entries are kept, optionally capped at the top-L per key. Cost is linear in keys x items;
-memory holds one score block plus the kept postings.
+Build: for every key of the key set, relu(S + b~) (Eq. 15, b~ = ``sparsity_bias``) is computed
+against every item in [key_block, item_block] blocks; only positive entries are kept, optionally
+capped at the top-L per key. Cost is linear in keys x items; memory holds one score block plus the
+kept postings. b~ for a target sparsity and the size estimate are in sparsity.py.
 
 Storage: CSR over the sorted key array: ``indptr`` int64 [n_keys + 1], ``items`` int32 [nnz]
-(item_index space, ascending within a key), ``scores`` float16|float32 [nnz] (all > 0).
-``write`` puts the arrays, a JSON metadata string and a sha256 checksum in one .npz file,
-atomically; ``read`` refuses missing, corrupt, tampered or other-checkpoint files with an error
-naming the file.
+(item_index space, ascending within a key), ``scores`` float16|float32 [nnz] (all > 0). ``write`` /
+``read`` use the file format of index_io.py.
 
-Query (Eq. 11 through the index): the user's K_u keys -> sum of their posting lists (a key that
-occurs twice counts twice), masked items removed, top-k by score desc then item id asc. Items in
-none of the K_u posting lists have score 0 and are never returned; unfilled slots are -inf / -1.
-With b~ = the trained b, float32 storage and no top-L cap, the result is exactly the top-k of the
-model's Eq. 11 scores (among items with a positive score). Kernels live in ``_merge.py``:
-``backend="auto"`` uses numba when it is installed (needed for the DESIGN.md latency target),
-else numpy; both return identical results.
+Query (Eq. 11 through the index): the user's K_u keys -> sum of their posting lists (a key that occurs
+twice counts twice), masked items removed, top-k by score desc then item id asc. Items in none of the
+K_u posting lists have score 0 and are never returned; unfilled slots are -inf / -1. With b~ = the
+trained b, float32 storage and no top-L cap, the result is exactly the top-k of the model's Eq. 11
+scores among items with a positive score. Kernels live in ``_merge.py``: ``backend="auto"`` uses numba
+when it is installed (needed for the DESIGN.md latency target), else numpy; both return identical results.
 
-Key set: all N^M keys when N^M <= ``index_max_keys``, else the keys observed on training users
-(``choose_key_set``). A query key outside an "observed" key set is handled by ``unseen_key``:
-- "nearest" (default): replaced by the indexed key whose reconstructed token (concatenation of
-  its M codewords) is nearest in squared L2 distance, i.e. the key minimising
-  sum_m ||C_m[k_m] - C_m[k'_m]||^2 (ties: smallest key). Needs the codebooks [M, N, D/M]
-  (passed to ``build`` / the constructor and stored in the file).
+A query key outside an "observed" key set is handled by the index's ``unseen_key`` policy
+(UNSEEN_KEY_POLICIES, the one vocabulary of the config key ``unseen_key``):
+- "nearest": replaced by the indexed key whose reconstructed token (concatenation of its M codewords)
+  is nearest in squared L2 distance, i.e. the key minimising sum_m ||C_m[k_m] - C_m[k'_m]||^2 (ties:
+  smallest key). Needs the codebooks [M, N, D/M] (passed to ``build`` / the constructor, stored in the file).
 - "skip": the key contributes nothing (its token adds 0 to every item, like an empty list).
-Scoring an unseen key on the fly needs the model and is left to the caller (build a one-key
-index with the same score_fn). With key set "all" every valid key is indexed; a key outside
-[0, N^M) is an error.
+- "score": the key is scored with the model and its postings added before the query
+  (``index.add(score_fn, keys)``: exact); a query that still meets an unindexed key is an error naming it.
+With key set "all" every valid key is indexed; a key outside [0, N^M) is always an error.
 
 Thread safety: queries reuse per-thread scratch buffers (threading.local), so one index can be
-searched from several threads.
+searched from several threads; ``add`` must not run while another thread searches the same index.
 """
-import hashlib
+import copy
 import json
 import math
 import os
 import threading
 import time
-import warnings
-import zipfile
 
 import numpy as np
 from tqdm import tqdm
 
 from . import _merge
+from .code_keys import KEY_SET_KINDS, key_space, pack_codes, unpack_keys
+from .index_io import SparseIndexFileError, read_index_file, write_index_file
+from .score_blocks import TorchThreads, check_keys, iter_score_blocks
 
-FORMAT_NAME = "sparcode-sparse-index"
-FORMAT_VERSION = 1
-KEY_SET_KINDS = ("all", "observed")
-UNSEEN_KEY_POLICIES = ("nearest", "skip")
+UNSEEN_KEY_POLICIES = ("nearest", "skip", "score")
 SCORE_DTYPES = ("float16", "float32")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
+_INT32_MAX = int(np.iinfo(np.int32).max)
 _NEAREST_CACHE_SIZE = 100_000
-
-
-class SparseIndexFileError(ValueError):
-    """An index file is missing its parts, corrupt, tampered with, or not an index file."""
-
-
-class SparseIndexMismatchError(ValueError):
-    """An index file was built for another model checkpoint than the one expected."""
-
-
-# ----------------------------------------------------------------------------- keys
-
-def _check_codebook_shape(num_codebooks, codebook_size):
-    """Validate M and N and return N ** M (as a Python int) if it fits an int64 key."""
-    for name, value in (("num_codebooks", num_codebooks), ("codebook_size", codebook_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    n_keys = int(codebook_size) ** int(num_codebooks)
-    if n_keys > np.iinfo(np.int64).max:
-        raise ValueError(f"codebook_size ** num_codebooks = {codebook_size}^{num_codebooks} does not fit "
-                         f"an int64 key; expected at most 2^63 - 1")
-    return n_keys
-
-
-def pack_codes(codes, codebook_size):
-    """Pack code tuples into int64 keys: key = sum_m codes[..., m] * N ** (M - 1 - m).
-
-    Args:
-        codes: int array [..., M] with entries in [0, N).
-        codebook_size: N.
-
-    Returns:
-        int64 array [...].
-    """
-    codes = np.asarray(codes)
-    if codes.ndim < 1 or not np.issubdtype(codes.dtype, np.integer):
-        raise ValueError(f"codes must be an integer array [..., M], got dtype {codes.dtype} shape {codes.shape}")
-    num_codebooks = codes.shape[-1]
-    _check_codebook_shape(num_codebooks, codebook_size)
-    if codes.size and (codes.min() < 0 or codes.max() >= codebook_size):
-        raise ValueError(f"codes must be in [0, {codebook_size}), found range [{codes.min()}, {codes.max()}]")
-    codes = codes.astype(np.int64, copy=False)
-    keys = np.zeros(codes.shape[:-1], dtype=np.int64)  # [...]
-    for m in range(num_codebooks):
-        keys = keys * codebook_size + codes[..., m]
-    return keys
-
-
-def unpack_keys(keys, codebook_size, num_codebooks):
-    """Inverse of pack_codes: int64 keys [...] -> codes int64 [..., M]."""
-    keys = np.asarray(keys)
-    if not np.issubdtype(keys.dtype, np.integer):
-        raise ValueError(f"keys must be an integer array, got dtype {keys.dtype}")
-    n_all = _check_codebook_shape(num_codebooks, codebook_size)
-    keys = keys.astype(np.int64, copy=False)
-    if keys.size and (keys.min() < 0 or int(keys.max()) >= n_all):
-        raise ValueError(f"keys must be in [0, N^M = {n_all}), found range [{keys.min()}, {keys.max()}]")
-    codes = np.empty(keys.shape + (num_codebooks,), dtype=np.int64)  # [..., M]
-    rest = keys.copy()
-    for m in range(num_codebooks - 1, -1, -1):
-        codes[..., m] = rest % codebook_size
-        rest //= codebook_size
-    return codes
-
-
-def choose_key_set(num_codebooks, codebook_size, observed_keys=None, index_max_keys=1_000_000):
-    """The keys to index: all N^M keys if N^M <= index_max_keys, else the observed keys.
-
-    When more distinct keys were observed than ``index_max_keys``, the most frequent ones are kept
-    (ties: smaller key first) and a warning is issued; the others go through the unseen-key policy.
-
-    Args:
-        num_codebooks: M.
-        codebook_size: N.
-        observed_keys: int64 keys [...] or codes [..., M] seen on training users (with
-            repetitions, used for the frequency cap); required when N^M > index_max_keys.
-        index_max_keys: largest key set built.
-
-    Returns:
-        (keys int64 [n_keys] sorted unique, kind "all" | "observed").
-    """
-    n_all = _check_codebook_shape(num_codebooks, codebook_size)
-    if isinstance(index_max_keys, bool) or not isinstance(index_max_keys, (int, np.integer)) or index_max_keys < 1:
-        raise ValueError(f"index_max_keys must be a positive int, got {index_max_keys!r}")
-    if n_all <= index_max_keys:
-        return np.arange(n_all, dtype=np.int64), "all"
-    if observed_keys is None:
-        raise ValueError(f"N^M = {codebook_size}^{num_codebooks} = {n_all} keys exceed index_max_keys="
-                         f"{index_max_keys}: pass the observed_keys of the training users")
-    observed = np.asarray(observed_keys)
-    if observed.ndim >= 2 and observed.shape[-1] == num_codebooks and num_codebooks > 1:
-        observed = pack_codes(observed, codebook_size)
-    observed = observed.reshape(-1)
-    unpack_keys(observed, codebook_size, num_codebooks)  # validates the range
-    keys, counts = np.unique(observed.astype(np.int64), return_counts=True)
-    if keys.size == 0:
-        raise ValueError("observed_keys is empty; expected the keys of at least one training user")
-    if keys.size > index_max_keys:
-        warnings.warn(f"{keys.size} distinct observed keys exceed index_max_keys={index_max_keys}: "
-                      f"indexing the {index_max_keys} most frequent", stacklevel=2)
-        order = np.lexsort((keys, -counts))[:index_max_keys]
-        keys = np.sort(keys[order])
-    return keys, "observed"
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def _scores_to_numpy(block, n_rows, n_cols, key_start, item_start):
-    """Convert a score_fn result to float32 numpy [n_rows, n_cols] and validate it."""
-    if hasattr(block, "detach"):  # torch tensor
-        block = block.detach().float().cpu().numpy()
-    block = np.asarray(block)
-    if block.shape != (n_rows, n_cols):
-        raise ValueError(f"score_fn(keys[{key_start}:{key_start + n_rows}], {item_start}, {item_start + n_cols}) "
-                         f"returned shape {tuple(block.shape)}, expected ({n_rows}, {n_cols})")
-    if not np.issubdtype(block.dtype, np.floating):
-        raise ValueError(f"score_fn must return float scores, got dtype {block.dtype}")
-    block = block.astype(np.float32, copy=False)
-    if not np.isfinite(block).all():
-        raise ValueError(f"score_fn(keys[{key_start}:{key_start + n_rows}], {item_start}, "
-                         f"{item_start + n_cols}) returned NaN or inf scores")
-    return block
-
-
-def _validate_keys_arg(keys):
-    keys = np.asarray(keys)
-    if keys.ndim != 1 or not np.issubdtype(keys.dtype, np.integer):
-        raise ValueError(f"keys must be a 1-D integer array, got dtype {keys.dtype} shape {keys.shape}")
-    return keys.astype(np.int64, copy=False)
+_EMPTY_MASK = np.empty(0, dtype=np.int64)
 
 
 def _positive_int(name, value, allow_none=False):
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+        raise ValueError(f"{name}={value!r}; expected a positive int{' or None' if allow_none else ''}")
     return int(value)
 
 
-def _iter_score_blocks(score_fn, keys, n_items, key_block, item_block, bar):
-    """Yield (key_start, item_start, S float32 [kb, ib]) over all blocks, keys outer."""
-    import torch  # local import: the index itself does not need torch
-
-    with torch.no_grad():
-        for key_start in range(0, keys.shape[0], key_block):
-            keys_block = keys[key_start:key_start + key_block]  # [kb]
-            for item_start in range(0, n_items, item_block):
-                item_stop = min(item_start + item_block, n_items)
-                raw = score_fn(keys_block, item_start, item_stop)
-                block = _scores_to_numpy(raw, keys_block.shape[0], item_stop - item_start,
-                                         key_start, item_start)  # [kb, ib]
-                yield key_start, item_start, block
-                bar.update(1)
-
-
-class _ThreadsFor:
-    """Context manager: torch.set_num_threads(n) inside, previous value restored after."""
-
-    def __init__(self, num_threads=None):
-        self.num_threads = num_threads
-        self.previous = None
-
-    def __enter__(self):
-        if self.num_threads is not None:
-            import torch
-            self.previous = torch.get_num_threads()
-            torch.set_num_threads(int(self.num_threads))
-        return self
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            import torch
-            torch.set_num_threads(self.previous)
-        return False
-
-
-def choose_bias_for_sparsity(score_fn, keys, n_items, target_sparsity, sample_keys=None,
-                             max_sample_values=1 << 23, key_block=256, item_block=16384, seed=0,
-                             num_threads=None, progress=False):
-    """Pick b~ so that a fraction ``1 - target_sparsity`` of (key, item) pairs has S + b~ > 0.
-
-    The scores of a sample of keys are collected and b~ = -q, where q is the value such that
-    exactly round((1 - target) * #values) of them are strictly greater than q (ties can only keep
-    fewer). All keys are used when #keys x n_items <= max_sample_values ("exact"), otherwise
-    ``sample_keys`` keys drawn without replacement with ``seed`` (default: as many as fit in
-    max_sample_values). The returned b~ is a float32 value, so relu(S + b~) computed in float32 by
-    ``SparseCodeIndex.build`` keeps exactly the entries with S > q.
-
-    Args:
-        score_fn: callable(keys_block int64 [kb], item_start, item_stop) -> float [kb, ib] raw S.
-        keys: int64 [n_keys] key set.
-        n_items: number of items.
-        target_sparsity: fraction of pairs to drop, in [0, 1].
-        sample_keys: number of keys to sample, or None for the automatic choice above.
-        max_sample_values: cap on collected scores (memory = 4 bytes each).
-        key_block, item_block: block shape passed to score_fn.
-        seed: seed of the key sample.
-        num_threads: torch threads while scoring (None: leave as is).
-        progress: tqdm progress bar.
-
-    Returns:
-        float b~.
-    """
-    keys = _validate_keys_arg(keys)
+def _check_n_items(n_items):
     n_items = _positive_int("n_items", n_items)
-    key_block = _positive_int("key_block", key_block)
-    item_block = _positive_int("item_block", item_block)
-    if isinstance(target_sparsity, bool) or not isinstance(target_sparsity, (int, float, np.floating)) \
-            or not 0.0 <= float(target_sparsity) <= 1.0:
-        raise ValueError(f"target_sparsity must be a number in [0, 1], got {target_sparsity!r}")
-    if keys.size == 0:
-        raise ValueError("keys is empty; expected at least one key")
-    max_sample_values = _positive_int("max_sample_values", max_sample_values)
-    if sample_keys is None:
-        sample_keys = keys.size if keys.size * n_items <= max_sample_values else \
-            max(1, max_sample_values // n_items)
-    sample_keys = min(_positive_int("sample_keys", sample_keys), keys.size)
-    if sample_keys < keys.size:
-        rng = np.random.default_rng(seed)
-        sample = np.sort(rng.choice(keys, size=sample_keys, replace=False))
-    else:
-        sample = keys
-    values = np.empty(sample.size * n_items, dtype=np.float32)  # all sampled S
-    n_blocks = math.ceil(sample.size / key_block) * math.ceil(n_items / item_block)
-    with _ThreadsFor(num_threads), tqdm(total=n_blocks, desc="sparsity bias", disable=not progress) as bar:
-        for key_start, item_start, block in _iter_score_blocks(score_fn, sample, n_items, key_block,
-                                                               item_block, bar):
-            rows = slice(key_start, key_start + block.shape[0])
-            view = values.reshape(sample.size, n_items)[rows, item_start:item_start + block.shape[1]]
-            view[...] = block
-    total = values.size
-    n_keep = int(round((1.0 - float(target_sparsity)) * total))
-    if n_keep >= total:
-        threshold = np.nextafter(values.min(), np.float32(-np.inf))  # everything strictly above
-    elif n_keep == 0:
-        threshold = values.max()  # nothing strictly above
-    else:
-        threshold = np.partition(values, total - n_keep - 1)[total - n_keep - 1]  # (n_keep+1)-th largest
-    return float(-np.float32(threshold))
+    if n_items > _INT32_MAX:
+        raise ValueError(f"n_items={n_items} exceeds the int32 item ids of the index; expected at most 2^31 - 1")
+    return n_items
 
 
-# ----------------------------------------------------------------------------- the index
+def _check_k(k):
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k={k!r}; expected a positive int")
+
+
+def _postings_of_block(rows, cols, vals, n_rows, top_l, score_dtype):
+    """Entries (row, item, score) of one key block -> per-key postings sorted by item.
+
+    Returns (lengths int64 [n_rows], items int32 [nnz], scores score_dtype [nnz]).
+    """
+    if top_l is not None:
+        order = np.lexsort((cols, -vals, rows))                                          # by key, score desc, item asc
+        rows, cols, vals = rows[order], cols[order], vals[order]
+        starts = np.searchsorted(rows, np.arange(n_rows))                                # first entry of each key
+        keep = np.arange(rows.size) - starts[rows] < top_l
+        rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    order = np.lexsort((cols, rows))                                                     # by key, item asc
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    if score_dtype == "float16":
+        if vals.size and vals.max() > _FLOAT16_MAX:
+            raise ValueError(f"a sparse score {vals.max():.6g} exceeds the float16 range (max {_FLOAT16_MAX}); "
+                             f"use score_dtype='float32'")
+        vals = vals.astype(np.float16)
+        nonzero = vals > 0                                                               # tiny scores round to 0
+        rows, cols, vals = rows[nonzero], cols[nonzero], vals[nonzero]
+    return np.bincount(rows, minlength=n_rows), cols.astype(np.int32), vals
+
 
 class SparseCodeIndex:
-    """Sparse inverted index from SparCode keys (code tuples) to (item, relu(S + b~)) postings.
+    """Sparse inverted index from code keys to (item, relu(S + b~)) postings.
 
-    Usually created by ``SparseCodeIndex.build`` or ``SparseCodeIndex.read``; the constructor
-    takes ready CSR arrays (validated).
+    Usually created by ``SparseCodeIndex.build`` or ``SparseCodeIndex.read``; the constructor takes
+    ready CSR arrays and checks their structure.
 
     Args:
         keys: int64 [n_keys], sorted, unique packed keys (rows of the CSR).
@@ -324,9 +121,9 @@ class SparseCodeIndex:
         checkpoint_hash: identifier of the model checkpoint the scores come from.
         build_seconds: wall time of the build.
         codebooks: optional float [M, N, D/M] codebooks, needed by unseen_key="nearest".
-        unseen_key: "nearest" or "skip" (see module docstring).
+        unseen_key: one of UNSEEN_KEY_POLICIES (see the module docstring).
         backend: "auto" (numba if installed), "numpy" or "numba" merge kernel.
-        extra_metadata: optional JSON-serialisable dict stored with the index (e.g. model name).
+        extra_metadata: optional JSON-serialisable dict stored with the index (e.g. the model name).
     """
 
     def __init__(self, keys=None, indptr=None, items=None, scores=None, num_codebooks=None,
@@ -335,29 +132,25 @@ class SparseCodeIndex:
                  codebooks=None, unseen_key="nearest", backend="auto", extra_metadata=None):
         if keys is None or indptr is None or items is None or scores is None:
             raise ValueError("keys, indptr, items and scores are required (use SparseCodeIndex.build or .read)")
-        self.backend = backend  # property: validated / resolved
-        self.unseen_key = unseen_key  # property: validated
-        self.num_key_space = _check_codebook_shape(num_codebooks, codebook_size)
+        self.backend = backend  # property: resolved
+        self.unseen_key = unseen_key  # property: one of UNSEEN_KEY_POLICIES
+        self.num_key_space = key_space(num_codebooks, codebook_size)
         self.num_codebooks = int(num_codebooks)
         self.codebook_size = int(codebook_size)
-        self.n_items = _positive_int("n_items", n_items)
+        self.n_items = _check_n_items(n_items)
         self.num_query_tokens = _positive_int("num_query_tokens", num_query_tokens, allow_none=True)
         self.sparsity_bias = float(sparsity_bias)
-        self.top_l = _positive_int("top_l", top_l, allow_none=True)
+        self.top_l = None if top_l is None else int(top_l)
         if key_set_kind not in KEY_SET_KINDS:
-            raise ValueError(f"key_set_kind must be one of {list(KEY_SET_KINDS)}, got {key_set_kind!r}")
+            raise ValueError(f"key_set_kind={key_set_kind!r}; expected one of {list(KEY_SET_KINDS)}")
         self.key_set_kind = key_set_kind
-        if not isinstance(checkpoint_hash, str):
-            raise ValueError(f"checkpoint_hash must be a str, got {type(checkpoint_hash).__name__}")
-        self.checkpoint_hash = checkpoint_hash
+        self.checkpoint_hash = str(checkpoint_hash)
         self.build_seconds = float(build_seconds)
         self.extra_metadata = dict(extra_metadata or {})
         try:
             json.dumps(self.extra_metadata)
         except (TypeError, ValueError) as err:
             raise ValueError(f"extra_metadata must be JSON-serialisable: {err}") from err
-        if self.n_items > np.iinfo(np.int32).max:
-            raise ValueError(f"n_items={self.n_items} exceeds the int32 item ids of the index (max 2^31 - 1)")
         for name, array in (("keys", keys), ("indptr", indptr), ("items", items)):
             if not np.issubdtype(np.asarray(array).dtype, np.integer):
                 raise ValueError(f"{name} must be an integer array, got dtype {np.asarray(array).dtype}")
@@ -365,22 +158,26 @@ class SparseCodeIndex:
         if items.size and (items.min() < 0 or items.max() >= self.n_items):  # before the int32 cast
             raise ValueError(f"item ids must be in [0, n_items={self.n_items}), found range "
                              f"[{items.min()}, {items.max()}]")
-        self.keys = np.ascontiguousarray(keys, dtype=np.int64)  # [n_keys]
-        self.indptr = np.ascontiguousarray(indptr, dtype=np.int64)  # [n_keys + 1]
-        self.items = np.ascontiguousarray(items, dtype=np.int32)  # [nnz]
         scores = np.asarray(scores)
         if scores.dtype.name not in SCORE_DTYPES:
             raise ValueError(f"scores dtype must be one of {list(SCORE_DTYPES)}, got {scores.dtype}")
-        self.scores = np.ascontiguousarray(scores)  # [nnz]
-        self.score_dtype = self.scores.dtype.name
+        self._set_arrays(keys, indptr, items, scores)
         self.codebooks = None if codebooks is None else np.ascontiguousarray(codebooks, dtype=np.float32)
         self._validate_arrays()
-        self._identity_rows = self.key_set_kind == "all"
-        self._kernel_scores = _merge.kernel_scores_view(self.scores)
         self._local = threading.local()
-        self._nearest_cache = {}
         self._nearest_lock = threading.Lock()
         self._distance_tables = None  # [M, N, N] squared codeword distances, built lazily
+
+    def _set_arrays(self, keys, indptr, items, scores):
+        """Install the CSR arrays and reset everything derived from them."""
+        self.keys = np.ascontiguousarray(keys, dtype=np.int64)                          # [n_keys]
+        self.indptr = np.ascontiguousarray(indptr, dtype=np.int64)                      # [n_keys + 1]
+        self.items = np.ascontiguousarray(items, dtype=np.int32)                        # [nnz]
+        self.scores = np.ascontiguousarray(scores)                                      # [nnz]
+        self.score_dtype = self.scores.dtype.name
+        self._identity_rows = self.key_set_kind == "all"
+        self._kernel_scores = _merge.kernel_scores_view(self.scores)
+        self._nearest_cache = {}
         self._indexed_codes = None  # [n_keys, M], built lazily
 
     # ------------------------------------------------------------------ validation / properties
@@ -407,17 +204,16 @@ class SparseCodeIndex:
         if nnz:
             if not (np.isfinite(self.scores).all() and (self.scores > 0).all()):
                 raise ValueError("posting scores must be finite and > 0")
-            ascending = np.diff(self.items) > 0  # [nnz - 1]
+            ascending = np.diff(self.items) > 0                                          # [nnz - 1]
             row_starts = self.indptr[1:-1]
             row_starts = row_starts[(row_starts > 0) & (row_starts < nnz)]
             ascending[row_starts - 1] = True  # no order between the end of a row and the next row
             if not ascending.all():
                 raise ValueError("item ids must be strictly ascending (unique) within each key's posting list")
-        if self.codebooks is not None and self.codebooks.shape[:2] != (self.num_codebooks, self.codebook_size):
-            raise ValueError(f"codebooks must have shape [M={self.num_codebooks}, N={self.codebook_size}, D/M], "
-                             f"got {self.codebooks.shape}")
-        if self.codebooks is not None and (self.codebooks.ndim != 3 or not np.isfinite(self.codebooks).all()):
-            raise ValueError(f"codebooks must be a finite 3-D array [M, N, D/M], got shape {self.codebooks.shape}")
+        if self.codebooks is not None and (self.codebooks.ndim != 3 or self.codebooks.shape[:2] != (
+                self.num_codebooks, self.codebook_size) or not np.isfinite(self.codebooks).all()):
+            raise ValueError(f"codebooks must be a finite array [M={self.num_codebooks}, N={self.codebook_size}, "
+                             f"D/M], got shape {self.codebooks.shape}")
 
     @property
     def unseen_key(self):
@@ -426,7 +222,7 @@ class SparseCodeIndex:
     @unseen_key.setter
     def unseen_key(self, policy):
         if policy not in UNSEEN_KEY_POLICIES:
-            raise ValueError(f"unseen_key must be one of {list(UNSEEN_KEY_POLICIES)}, got {policy!r}")
+            raise ValueError(f"unseen_key={policy!r}; expected one of {list(UNSEEN_KEY_POLICIES)}")
         self._unseen_key = policy
 
     @property
@@ -452,6 +248,15 @@ class SparseCodeIndex:
         return (f"SparseCodeIndex(M={self.num_codebooks}, N={self.codebook_size}, n_keys={self.n_keys} "
                 f"({self.key_set_kind}), n_items={self.n_items}, nnz={self.nnz}, b~={self.sparsity_bias:g}, "
                 f"top_l={self.top_l}, dtype={self.score_dtype}, backend={self.backend})")
+
+    def copy(self):
+        """An independent index sharing the (never modified in place) arrays: ``add`` on it leaves self as is."""
+        clone = copy.copy(self)
+        clone.extra_metadata = dict(self.extra_metadata)
+        clone._local = threading.local()
+        clone._nearest_lock = threading.Lock()
+        clone._nearest_cache = {}
+        return clone
 
     # ------------------------------------------------------------------ build
 
@@ -482,7 +287,7 @@ class SparseCodeIndex:
             key_set_kind: "all" / "observed"; None infers "all" iff keys are all N^M keys.
             checkpoint_hash: identifier of the model checkpoint (checked by ``read``).
             codebooks: optional float [M, N, D/M], used by unseen_key="nearest".
-            unseen_key: "nearest" or "skip".
+            unseen_key: one of UNSEEN_KEY_POLICIES.
             backend: query kernel, "auto" | "numpy" | "numba".
             extra_metadata: JSON-serialisable dict stored with the index.
 
@@ -490,100 +295,99 @@ class SparseCodeIndex:
             SparseCodeIndex.
         """
         started = time.perf_counter()
-        n_all = _check_codebook_shape(num_codebooks, codebook_size)
-        keys = np.unique(_validate_keys_arg(keys))  # sorted unique [n_keys]
+        n_all = key_space(num_codebooks, codebook_size)
+        keys = np.unique(check_keys(keys))                                               # sorted unique [n_keys]
         if keys.size == 0:
             raise ValueError("keys is empty; expected at least one key to index")
         if keys[0] < 0 or int(keys[-1]) >= n_all:
             raise ValueError(f"keys must be in [0, N^M = {n_all}), found range [{keys[0]}, {keys[-1]}]")
         if key_set_kind is None:
             key_set_kind = "all" if keys.size == n_all else "observed"
-        n_items = _positive_int("n_items", n_items)
-        if n_items > np.iinfo(np.int32).max:
-            raise ValueError(f"n_items={n_items} exceeds the int32 item ids of the index (max 2^31 - 1)")
-        top_l = _positive_int("top_l", top_l, allow_none=True)
-        key_block = _positive_int("key_block", key_block)
-        item_block = _positive_int("item_block", item_block)
-        num_threads = _positive_int("num_threads", num_threads, allow_none=True)
-        if score_dtype not in SCORE_DTYPES:
-            raise ValueError(f"score_dtype must be one of {list(SCORE_DTYPES)}, got {score_dtype!r}")
-        if isinstance(sparsity_bias, bool) or not np.isfinite(float(sparsity_bias)):
-            raise ValueError(f"sparsity_bias must be a finite number, got {sparsity_bias!r}")
-        if not callable(score_fn):
-            raise ValueError(f"score_fn must be callable, got {type(score_fn).__name__}")
-        bias = np.float32(sparsity_bias)
-        if unseen_key not in UNSEEN_KEY_POLICIES:  # fail before the (long) scoring
-            raise ValueError(f"unseen_key must be one of {list(UNSEEN_KEY_POLICIES)}, got {unseen_key!r}")
+        n_items = _check_n_items(n_items)
         if key_set_kind == "observed" and unseen_key == "nearest" and codebooks is None:
             raise ValueError("unseen_key='nearest' on an 'observed' key set needs the codebooks [M, N, D/M]; "
                              "pass codebooks= or use unseen_key='skip'")
-
+        bias = np.float32(sparsity_bias)
         n_blocks = math.ceil(keys.size / key_block) * math.ceil(n_items / item_block)
-        lengths = np.zeros(keys.size, dtype=np.int64)  # [n_keys] postings per key
+        lengths = np.zeros(keys.size, dtype=np.int64)                                    # [n_keys] postings per key
         item_parts, score_parts = [], []
         block_rows, block_items, block_vals = [], [], []
 
-        def flush(key_start, n_rows):
-            """Merge the collected entries of one key block into per-key sorted postings."""
-            if block_rows:
-                rows = np.concatenate(block_rows)
-                cols = np.concatenate(block_items)
-                vals = np.concatenate(block_vals)
-            else:
-                rows = np.empty(0, np.int64)
-                cols = np.empty(0, np.int64)
-                vals = np.empty(0, np.float32)
+        def flush(key_start):
+            """Turn the entries collected for the key block starting at key_start into postings."""
+            n_rows = min(key_block, keys.size - key_start)
+            rows = np.concatenate(block_rows) if block_rows else np.empty(0, np.int64)
+            cols = np.concatenate(block_items) if block_items else np.empty(0, np.int64)
+            vals = np.concatenate(block_vals) if block_vals else np.empty(0, np.float32)
             block_rows.clear(), block_items.clear(), block_vals.clear()
-            if top_l is not None:
-                order = np.lexsort((cols, -vals, rows))  # by key, score desc, item asc
-                rows, cols, vals = rows[order], cols[order], vals[order]
-                starts = np.searchsorted(rows, np.arange(n_rows))  # first entry of each key
-                rank = np.arange(rows.size) - starts[rows]
-                keep = rank < top_l
-                rows, cols, vals = rows[keep], cols[keep], vals[keep]
-            order = np.lexsort((cols, rows))  # by key, item asc
-            rows, cols, vals = rows[order], cols[order], vals[order]
-            if score_dtype == "float16":
-                if vals.size and vals.max() > _FLOAT16_MAX:
-                    raise ValueError(f"a sparse score {vals.max():.6g} exceeds the float16 range "
-                                     f"(max {_FLOAT16_MAX}); use score_dtype='float32'")
-                vals = vals.astype(np.float16)
-                nonzero = vals > 0  # tiny scores round to 0 in float16: drop them
-                rows, cols, vals = rows[nonzero], cols[nonzero], vals[nonzero]
-            lengths[key_start:key_start + n_rows] = np.bincount(rows, minlength=n_rows)
-            item_parts.append(cols.astype(np.int32))
-            score_parts.append(vals)
+            lengths[key_start:key_start + n_rows], items, scores = _postings_of_block(rows, cols, vals, n_rows,
+                                                                                      top_l, score_dtype)
+            item_parts.append(items)
+            score_parts.append(scores)
 
-        with _ThreadsFor(num_threads), tqdm(total=n_blocks, desc="sparse index", unit="block",
-                                            disable=not progress) as bar:
+        with TorchThreads(num_threads), tqdm(total=n_blocks, desc="sparse index", unit="block",
+                                             disable=not progress) as bar:
             current_key_start = 0
-            for key_start, item_start, block in _iter_score_blocks(score_fn, keys, n_items, key_block,
-                                                                   item_block, bar):
+            for key_start, item_start, block in iter_score_blocks(score_fn, keys, n_items, key_block,
+                                                                  item_block, bar):
                 if key_start != current_key_start:
-                    flush(current_key_start, min(key_block, keys.size - current_key_start))
+                    flush(current_key_start)
                     current_key_start = key_start
-                sparse = block + bias  # [kb, ib] float32, Eq. 15 before the ReLU
-                positive = sparse > 0  # [kb, ib]
+                sparse = block + bias                                                    # [kb, ib] Eq. 15 before relu
+                positive = sparse > 0                                                    # [kb, ib]
                 if top_l is not None and block.shape[1] > top_l:
                     # keep entries >= the top_l-th largest of their row (ties kept; cut in flush)
-                    kth = -np.partition(-sparse, top_l - 1, axis=1)[:, top_l - 1]  # [kb]
+                    kth = -np.partition(-sparse, top_l - 1, axis=1)[:, top_l - 1]        # [kb]
                     positive &= sparse >= kth[:, None]
                 rows, cols = np.nonzero(positive)
                 block_rows.append(rows.astype(np.int64))
                 block_items.append(cols.astype(np.int64) + item_start)
                 block_vals.append(sparse[rows, cols])
-            flush(current_key_start, min(key_block, keys.size - current_key_start))
+            flush(current_key_start)
 
         indptr = np.zeros(keys.size + 1, dtype=np.int64)
         np.cumsum(lengths, out=indptr[1:])
-        items = np.concatenate(item_parts) if item_parts else np.empty(0, np.int32)
-        scores = np.concatenate(score_parts) if score_parts else np.empty(0, score_dtype)
-        return cls(keys=keys, indptr=indptr, items=items, scores=scores.astype(score_dtype, copy=False),
-                   num_codebooks=num_codebooks, codebook_size=codebook_size, n_items=n_items,
-                   num_query_tokens=num_query_tokens, sparsity_bias=float(sparsity_bias), top_l=top_l,
-                   key_set_kind=key_set_kind, checkpoint_hash=checkpoint_hash,
-                   build_seconds=time.perf_counter() - started, codebooks=codebooks, unseen_key=unseen_key,
-                   backend=backend, extra_metadata=extra_metadata)
+        items = np.concatenate(item_parts)
+        scores = np.concatenate(score_parts).astype(score_dtype, copy=False)
+        return cls(keys=keys, indptr=indptr, items=items, scores=scores, num_codebooks=num_codebooks,
+                   codebook_size=codebook_size, n_items=n_items, num_query_tokens=num_query_tokens,
+                   sparsity_bias=float(sparsity_bias), top_l=top_l, key_set_kind=key_set_kind,
+                   checkpoint_hash=checkpoint_hash, build_seconds=time.perf_counter() - started,
+                   codebooks=codebooks, unseen_key=unseen_key, backend=backend, extra_metadata=extra_metadata)
+
+    def add(self, score_fn, keys, key_block=256, item_block=16384, num_threads=None, progress=False):
+        """Score ``keys`` not yet indexed with the index's b~, top-L and dtype and merge their postings in.
+
+        The index is changed in place (use ``copy()`` first to keep the original); the key set kind
+        becomes "observed". Returns self.
+
+        Args:
+            score_fn: as in ``build``.
+            keys: int [n] keys; indexed ones are ignored.
+            key_block, item_block, num_threads, progress: as in ``build``.
+        """
+        new_keys = np.setdiff1d(check_keys(keys), self.keys)
+        if new_keys.size == 0:
+            return self
+        extra = SparseCodeIndex.build(score_fn, new_keys, self.n_items, self.sparsity_bias, top_l=self.top_l,
+                                      key_block=key_block, item_block=item_block, score_dtype=self.score_dtype,
+                                      num_threads=num_threads, progress=progress, num_codebooks=self.num_codebooks,
+                                      codebook_size=self.codebook_size, key_set_kind="observed", unseen_key="skip",
+                                      backend="numpy")
+        keys = np.concatenate([self.keys, extra.keys])                                   # [n1 + n2]
+        order = np.argsort(keys, kind="stable")
+        starts = np.concatenate([self.indptr[:-1], extra.indptr[:-1] + self.nnz])[order]  # [n1 + n2]
+        lengths = np.concatenate([np.diff(self.indptr), np.diff(extra.indptr)])[order]
+        indptr = np.zeros(keys.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        gather = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])        # [nnz1 + nnz2]
+        items = np.concatenate([self.items, extra.items])[gather]
+        scores = np.concatenate([self.scores, extra.scores])[gather]
+        self.key_set_kind = "observed"
+        self._set_arrays(keys[order], indptr, items, scores)
+        self.build_seconds += extra.build_seconds
+        self._validate_arrays()
+        return self
 
     # ------------------------------------------------------------------ statistics
 
@@ -601,7 +405,7 @@ class SparseCodeIndex:
             "empty_keys", "index_bytes" (the stored arrays: keys, indptr, items, scores, codebooks)
             and "build_seconds".
         """
-        lengths = np.diff(self.indptr)  # [n_keys]
+        lengths = np.diff(self.indptr)                                                   # [n_keys]
         arrays = [self.keys, self.indptr, self.items, self.scores]
         if self.codebooks is not None:
             arrays.append(self.codebooks)
@@ -639,6 +443,7 @@ class SparseCodeIndex:
                 sq = (cb ** 2).sum(-1)  # [M, N]
                 self._distance_tables = np.maximum(
                     sq[:, :, None] + sq[:, None, :] - 2 * np.einsum("mid,mjd->mij", cb, cb), 0.0)  # [M, N, N]
+            if self._indexed_codes is None:  # reset by add()
                 self._indexed_codes = unpack_keys(self.keys, self.codebook_size, self.num_codebooks)  # [n_keys, M]
             rows = np.empty(unseen.shape[0], dtype=np.int64)
             for t, key in enumerate(unseen.tolist()):
@@ -671,10 +476,14 @@ class SparseCodeIndex:
         return rows.reshape(query_keys.shape)
 
     def _resolve_unseen(self, flat, rows, unseen_mask):
+        """Rows for the query keys that are not indexed, following the unseen_key policy."""
         if self._unseen_key == "skip":
             rows[unseen_mask] = -1
-            return rows
-        rows[unseen_mask] = self._nearest_rows(flat[unseen_mask])
+        elif self._unseen_key == "nearest":
+            rows[unseen_mask] = self._nearest_rows(flat[unseen_mask])
+        else:
+            raise ValueError(f"query key {int(flat[unseen_mask][0])} is not in the index and unseen_key='score': "
+                             f"add the query keys first with index.add(score_fn, keys)")
         return rows
 
     def _as_query_keys(self, query_keys, ndim):
@@ -730,8 +539,7 @@ class SparseCodeIndex:
         Returns:
             (scores float32 [k], ids int64 [k]); unfilled slots -inf / -1.
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
+        _check_k(k)
         query = self._as_query_keys(keys, 1)  # [K_u]
         if self._backend == "numba":
             rows, min_row = self._kernel_rows(query)  # [K_u]
@@ -764,8 +572,7 @@ class SparseCodeIndex:
         Returns:
             (scores float32 [B, k], ids int64 [B, k]); unfilled slots -inf / -1.
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
+        _check_k(k)
         query = self._as_query_keys(query_keys, 2)  # [B, K_u]
         n_queries = query.shape[0]
         numba_path = self._backend == "numba"
@@ -817,10 +624,8 @@ class SparseCodeIndex:
     # ------------------------------------------------------------------ persistence
 
     def metadata(self):
-        """JSON-serialisable metadata stored in the index file."""
+        """JSON-ready metadata stored in the index file (index_io adds the format name and version)."""
         return {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
             "num_codebooks": self.num_codebooks,
             "codebook_size": self.codebook_size,
             "num_query_tokens": self.num_query_tokens,
@@ -837,35 +642,12 @@ class SparseCodeIndex:
             "extra": self.extra_metadata,
         }
 
-    def _arrays(self):
+    def write(self, path):
+        """Write the index to one .npz file atomically (format: index_io.py). Returns the path."""
         arrays = {"keys": self.keys, "indptr": self.indptr, "items": self.items, "scores": self.scores}
         if self.codebooks is not None:
             arrays["codebooks"] = self.codebooks
-        return arrays
-
-    def write(self, path):
-        """Write the index to one .npz file atomically (temp file in the same folder, then rename).
-
-        The file holds the arrays, the metadata as JSON and a sha256 over both. Returns the path.
-        """
-        path = os.fspath(path)
-        metadata_bytes = json.dumps(self.metadata(), sort_keys=True).encode("utf-8")
-        arrays = self._arrays()
-        checksum = _checksum(arrays, metadata_bytes)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        tmp_path = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{threading.get_ident()}")
-        try:
-            with open(tmp_path, "wb") as handle:
-                np.savez(handle, metadata=np.frombuffer(metadata_bytes, dtype=np.uint8),
-                         sha256=np.frombuffer(checksum.encode("ascii"), dtype=np.uint8), **arrays)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp_path, path)
-        finally:
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
-        return path
+        return write_index_file(path, arrays, self.metadata())
 
     @classmethod
     def read(cls, path, expected_checkpoint_hash=None, backend="auto"):
@@ -878,69 +660,19 @@ class SparseCodeIndex:
 
         Raises:
             FileNotFoundError: no file at path.
-            SparseIndexFileError: not an index file, unreadable, or checksum mismatch (tampered/corrupt).
+            SparseIndexFileError: not an index file, unreadable, checksum mismatch (tampered / corrupt),
+                another format version, or arrays and metadata that do not form an index.
             SparseIndexMismatchError: built for another checkpoint than expected_checkpoint_hash.
         """
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"sparse index file {path!r} does not exist")
+        arrays, metadata = read_index_file(path, expected_checkpoint_hash)
         try:
-            with np.load(path, allow_pickle=False) as archive:
-                contents = {name: archive[name] for name in archive.files}
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zipfile.LargeZipFile) as err:
-            raise SparseIndexFileError(f"sparse index file {path!r} is corrupt or not an index file: "
-                                       f"{type(err).__name__}: {err}") from err
-        for required in ("metadata", "sha256", "keys", "indptr", "items", "scores"):
-            if required not in contents:
-                raise SparseIndexFileError(f"sparse index file {path!r} lacks the array {required!r}; "
-                                           f"expected a file written by SparseCodeIndex.write")
-        metadata_bytes = contents.pop("metadata").tobytes()
-        stored_checksum = contents.pop("sha256").tobytes().decode("ascii", errors="replace")
-        known = {"keys", "indptr", "items", "scores", "codebooks"}
-        if set(contents) - known:
-            raise SparseIndexFileError(f"sparse index file {path!r} holds unexpected arrays "
-                                       f"{sorted(set(contents) - known)}")
-        actual_checksum = _checksum(contents, metadata_bytes)
-        if actual_checksum != stored_checksum:
-            raise SparseIndexFileError(f"sparse index file {path!r} failed its sha256 check (stored "
-                                       f"{stored_checksum[:16]}..., computed {actual_checksum[:16]}...): "
-                                       f"the file is corrupt or was modified")
-        try:
-            metadata = json.loads(metadata_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise SparseIndexFileError(f"sparse index file {path!r} has unreadable metadata: {err}") from err
-        if metadata.get("format") != FORMAT_NAME or metadata.get("format_version") != FORMAT_VERSION:
-            raise SparseIndexFileError(f"sparse index file {path!r} has format {metadata.get('format')!r} "
-                                       f"v{metadata.get('format_version')}, expected {FORMAT_NAME!r} v{FORMAT_VERSION}")
-        if expected_checkpoint_hash is not None and metadata["checkpoint_hash"] != expected_checkpoint_hash:
-            raise SparseIndexMismatchError(
-                f"sparse index file {path!r} was built for checkpoint {metadata['checkpoint_hash']!r}, "
-                f"expected {expected_checkpoint_hash!r}: rebuild the index for this checkpoint")
-        try:
-            return cls(keys=contents["keys"], indptr=contents["indptr"], items=contents["items"],
-                       scores=contents["scores"], num_codebooks=metadata["num_codebooks"],
-                       codebook_size=metadata["codebook_size"], n_items=metadata["n_items"],
-                       num_query_tokens=metadata["num_query_tokens"], sparsity_bias=metadata["sparsity_bias"],
-                       top_l=metadata["top_l"], key_set_kind=metadata["key_set_kind"],
-                       checkpoint_hash=metadata["checkpoint_hash"], build_seconds=metadata["build_seconds"],
-                       codebooks=contents.get("codebooks"), unseen_key=metadata["unseen_key"],
-                       backend=backend, extra_metadata=metadata.get("extra"))
+            return cls(keys=arrays["keys"], indptr=arrays["indptr"], items=arrays["items"], scores=arrays["scores"],
+                       num_codebooks=metadata["num_codebooks"], codebook_size=metadata["codebook_size"],
+                       n_items=metadata["n_items"], num_query_tokens=metadata["num_query_tokens"],
+                       sparsity_bias=metadata["sparsity_bias"], top_l=metadata["top_l"],
+                       key_set_kind=metadata["key_set_kind"], checkpoint_hash=metadata["checkpoint_hash"],
+                       build_seconds=metadata["build_seconds"], codebooks=arrays.get("codebooks"),
+                       unseen_key=metadata["unseen_key"], backend=backend, extra_metadata=metadata.get("extra"))
         except (KeyError, ValueError, TypeError) as err:
-            raise SparseIndexFileError(f"sparse index file {path!r} is inconsistent: {err}") from err
-
-
-_EMPTY_MASK = np.empty(0, dtype=np.int64)
-
-
-def _checksum(arrays, metadata_bytes):
-    """sha256 over the metadata and every array's name, dtype, shape and bytes (sorted by name)."""
-    digest = hashlib.sha256()
-    digest.update(len(metadata_bytes).to_bytes(8, "little"))
-    digest.update(metadata_bytes)
-    for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
-        header = json.dumps([name, array.dtype.str, list(array.shape)]).encode("utf-8")
-        digest.update(len(header).to_bytes(8, "little"))
-        digest.update(header)
-        digest.update(memoryview(array).cast("B"))
-    return digest.hexdigest()
+            raise SparseIndexFileError(f"sparse index file {os.fspath(path)!r} is inconsistent: "
+                                       f"{type(err).__name__}: {err}") from err

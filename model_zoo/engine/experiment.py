@@ -1,7 +1,9 @@
 """One experiment end to end: build data, train, evaluate, serve, write results.
 
-`run_expid.py` is a thin command line over `run_experiment`.
+`run_expid.py` is a thin command line over `run_experiment`. Rerunning an expid whose run was killed
+continues from its last completed epoch (engine/trainer.py); `fresh=True` starts over.
 """
+import hashlib
 import json
 import logging
 import os
@@ -12,21 +14,23 @@ from datetime import datetime
 import torch
 from fuxictr.pytorch.torch_utils import seed_everything
 
-from . import get_model
-from .base import peak_rss_mb
-from .config import load_config
-from .data.loaders import EvalUsers, ItemCorpus, TrainLoader, load_feature_map
-from .data.pipeline import build_dataset
-from .retrieval import serving
-from .retrieval.metrics import format_metrics
+from .. import get_model
+from ..config import check_model_keys, load_experiment
+from ..data.loaders import EvalUsers, ItemCorpus, TrainLoader, load_feature_map
+from ..data.pipeline import build_dataset
+from ..retrieval.metrics import format_metrics
+from . import serving
+from .callbacks import build_callbacks, check_callbacks
+from .evaluator import Evaluator
+from .trainer import Trainer, config_fingerprint, peak_rss_mb
 
 
-def set_logger(log_file):
+def set_logger(log_file, append=False):
     for handler in logging.root.handlers[:]:
         logging.root.removeHandler(handler)
     os.makedirs(os.path.dirname(log_file), exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s P%(process)d %(levelname)s %(message)s",
-                        handlers=[logging.FileHandler(log_file, mode="w"), logging.StreamHandler()])
+                        handlers=[logging.FileHandler(log_file, mode="a" if append else "w"), logging.StreamHandler()])
 
 
 def write_json_atomic(path, data):
@@ -59,30 +63,57 @@ def open_data(params):
 
 
 def serving_report(model, test, data_dir, params):
-    """Index / faiss serving report of a trained model (retrieval/serving.py), logged; None if the model
-    has no serving path. SparCode (has `query_codes`): sparse inverted index; two-tower models
-    (`two_tower = True`): faiss IndexFlatIP, IndexIVFPQ, IndexHNSWFlat."""
-    if hasattr(model, "query_codes"):
-        logging.info("******** Serving: sparse inverted index ********")
-        report = serving.sparcode_report(model, test, data_dir=data_dir, params=params)
-    elif getattr(model, "two_tower", False):
-        logging.info("******** Serving: faiss indexes ********")
-        report = serving.two_tower_report(model, test, data_dir=data_dir, params=params)
-    else:
-        return None
-    for line in serving.report_lines(report):
-        logging.info(line)
+    """Serving report of a trained model (engine/serving.py), logged; None if the model declares no
+    serving capability (VectorServable: faiss comparators; CodeIndexable: sparse inverted index)."""
+    report = serving.serving_report(model, test, data_dir, params)
+    if report is not None:
+        for line in serving.report_lines(report):
+            logging.info(line)
     return report
 
 
-def run_experiment(config_dir, expid, gpu=-1, command=None):
-    """Run one expid; returns the result dict also written as JSON next to the checkpoint."""
-    params = load_config(config_dir, expid)
+def make_evaluator(params):
+    return Evaluator(params["metrics"], params.get("precision_denominator", "k"), params["eval_batch_size"],
+                     verbose=bool(params.get("verbose", 1)))
+
+
+def prepare(config_dir, expid, gpu=-1):
+    """Load and check everything that can be checked before any data is built: the config, the model
+    name and its keys, the callbacks. Returns (params, model class)."""
+    experiment = load_experiment(config_dir, expid)
+    model_cls = get_model(experiment.model)
+    check_model_keys(experiment, model_cls)
+    check_callbacks(experiment.training.callbacks, source=f"{experiment.config_file}: expid={expid}: ")
+    params = dict(experiment.params)
     params["gpu"] = gpu
-    serving.serving_params(params)  # a bad serving key fails now, not after training
-    model_cls = get_model(params["model"])
+    return params, model_cls
+
+
+def _data_fingerprint(data_dir):
+    path = os.path.join(data_dir, "build_info.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as fd:
+        return hashlib.sha256(fd.read()).hexdigest()[:16]
+
+
+def run_experiment(config_dir, expid, gpu=-1, command=None, fresh=False, extra_callbacks=()):
+    """Run one expid; returns the result dict also written as JSON next to the checkpoint.
+
+    Args:
+        config_dir: config folder (dataset_config.yaml, model_config/).
+        expid: experiment id.
+        gpu: GPU index, -1 for CPU.
+        command: command line recorded in the result CSV line.
+        fresh: ignore a saved training state and train from the first epoch.
+        extra_callbacks: Callback objects added to the expid's (programmatic use, e.g. tests).
+    """
+    params, model_cls = prepare(config_dir, expid, gpu)
     model_dir = os.path.join(params["model_root"], params["dataset_id"])
-    set_logger(os.path.join(model_dir, expid + ".log"))
+    state_path = os.path.join(model_dir, expid + ".state.pt")
+    if fresh and os.path.exists(state_path):
+        os.remove(state_path)
+    set_logger(os.path.join(model_dir, expid + ".log"), append=os.path.exists(state_path))
     logging.info(f"Params: {json.dumps({k: v for k, v in params.items() if k != 'feature_cols'}, default=str)}")
     seed_everything(params["seed"])
     if params.get("num_threads"):
@@ -96,16 +127,24 @@ def run_experiment(config_dir, expid, gpu=-1, command=None):
     model.set_item_corpus(corpus, train.item_counts(corpus.num_items))
     logging.info(f"Model {params['model']}: {sum(p.numel() for p in model.parameters() if p.requires_grad)} "
                  f"trainable parameters")
+    evaluator = make_evaluator(params)
+    callbacks = build_callbacks(model, params.get("callbacks")) + list(extra_callbacks)
+    trainer = Trainer(model, evaluator, callbacks, epochs=params["epochs"], learning_rate=params["learning_rate"],
+                      optimizer=params["optimizer"], monitor=params["monitor"], monitor_mode=params["monitor_mode"],
+                      early_stop_patience=params["early_stop_patience"],
+                      max_steps_per_epoch=params["max_steps_per_epoch"], state_path=state_path,
+                      fingerprint=config_fingerprint(dict(params, _data=_data_fingerprint(data_dir))),
+                      verbose=bool(params.get("verbose", 1)))
     started = time.time()
-    history = model.fit(train, validation_data=valid)
+    history = trainer.fit(train, validation_data=valid)
     timings["train"] = time.time() - started
 
     started = time.time()
     logging.info("****** Validation evaluation ******")
-    valid_result = model.evaluate(valid)
+    valid_result = evaluator.evaluate(model, valid)
     logging.info(f"[Metrics] {format_metrics(valid_result)}")
     logging.info("******** Test evaluation ********")
-    test_result = model.evaluate(test)
+    test_result = evaluator.evaluate(model, test)
     logging.info(f"[Metrics] {format_metrics(test_result)}")
     timings["evaluate"] = time.time() - started
 
@@ -140,16 +179,14 @@ def serve_experiment(config_dir, expid, gpu=-1):
     Logs to `<expid>.serve.log`, stores the report under "serving" in `<expid>.json` (if that file exists)
     and returns it.
     """
-    params = load_config(config_dir, expid)
-    params["gpu"] = gpu
-    serving.serving_params(params)
+    params, model_cls = prepare(config_dir, expid, gpu)
     model_dir = os.path.join(params["model_root"], params["dataset_id"])
     set_logger(os.path.join(model_dir, expid + ".serve.log"))
     seed_everything(params["seed"])
     if params.get("num_threads"):
         torch.set_num_threads(int(params["num_threads"]))
     data_dir, feature_map, corpus, train, _, test = open_data(params)
-    model = get_model(params["model"])(feature_map, **params)
+    model = model_cls(feature_map, **params)
     model.set_item_corpus(corpus, train.item_counts(corpus.num_items))
     model.load_weights(model.checkpoint)
     model.eval()

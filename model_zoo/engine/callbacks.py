@@ -1,0 +1,174 @@
+"""Training schedules and statistics of one model kind, as Trainer callbacks chosen in the expid.
+
+An expid lists them under `callbacks`, a mapping of callback name -> its keyword arguments, merged over
+the model class's `default_callbacks`:
+
+    callbacks:
+      quantizer_warmup: {steps: 7300}
+      freeze_codes: {after_steps: 7300}
+
+A callback keeps no state of its own that a resumed run would lose: schedules read the Trainer's
+`global_step` (saved with the training state), statistics restart with each epoch.
+"""
+import inspect
+import logging
+
+import torch
+
+from ..base import CodeIndexable
+
+
+class Callback:
+    """Hooks called by the Trainer. `trainer.global_step` counts the optimizer steps done so far."""
+
+    def on_train_begin(self, trainer):
+        pass
+
+    def on_step_begin(self, trainer):
+        pass
+
+    def on_step_end(self, trainer):
+        pass
+
+    def on_epoch_end(self, trainer, record):
+        """Add statistics of the epoch to `record` (the epoch's log line and history entry)."""
+
+
+def _non_negative_int(callback, name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"callbacks.{callback}.{name}={value!r}; expected an int >= 0")
+    return value
+
+
+def _needs_codes(callback, model):
+    if not isinstance(model, CodeIndexable):
+        raise ValueError(f"callbacks.{callback}: model {type(model).__name__} has no product quantizer; "
+                         f"this callback applies to code-indexable models (SparCode)")
+
+
+class QuantizerWarmup(Callback):
+    """For the first `steps` training steps the scorer is fed the unquantized user tokens.
+
+    The quantizer still runs and its codebooks follow the tokens; evaluation always uses the codes.
+
+    Args:
+        steps: length of the warm-up in optimizer steps; 0 quantizes from the first step (the paper).
+    """
+    name = "quantizer_warmup"
+
+    def __init__(self, model, steps=0):
+        _needs_codes(self.name, model)
+        self.model, self.steps = model, _non_negative_int(self.name, "steps", steps)
+
+    def on_step_begin(self, trainer):
+        self.model.feed_unquantized_tokens = trainer.global_step < self.steps
+
+    def on_train_begin(self, trainer):
+        self.on_step_begin(trainer)
+
+
+class FreezeCodes(Callback):
+    """After `after_steps` steps the user side is frozen and only the item side and b train.
+
+    The field embeddings (shared with the item side), the tokenizer and the codebooks stop changing, so every
+    user keeps its codes; the item encoder, item heads, scorer and b train on the quantized tokens.
+
+    Args:
+        after_steps: optimizer steps before the freeze (> 0; usually the quantizer warm-up's length).
+    """
+    name = "freeze_codes"
+
+    def __init__(self, model, after_steps=None):
+        _needs_codes(self.name, model)
+        if isinstance(after_steps, bool) or not isinstance(after_steps, int) or after_steps < 1:
+            raise ValueError(f"callbacks.{self.name}.after_steps={after_steps!r}; expected an int >= 1")
+        self.model, self.after_steps = model, after_steps
+
+    def on_step_begin(self, trainer):
+        if trainer.global_step >= self.after_steps and not self.model.codes_frozen:
+            self.model.freeze_user_side()
+            logging.info(f"step {trainer.global_step}: user side frozen (embeddings, tokenizer, codebooks); "
+                         f"the item side and b now train on the quantized tokens")
+
+    on_train_begin = on_step_begin
+
+
+class CodebookStats(Callback):
+    """Codebook usage and sparse-score statistics of the training steps of each epoch.
+
+    Adds to the epoch record: per-codebook perplexity, dead codewords, restarts, distinct full codes, mean raw
+    commitment, the share of relu(S + b) scores at zero, and b.
+    """
+    name = "codebook_stats"
+
+    def __init__(self, model):
+        _needs_codes(self.name, model)
+        self.model = model
+        self._reset()
+
+    def _reset(self):
+        self.keys, self.commitment, self.zero_scores, self.scores = [], [], 0, 0
+
+    def on_step_end(self, trainer):
+        stats = self.model.step_stats
+        self.keys.append(torch.unique(stats["keys"]))
+        if len(self.keys) >= 64:
+            self.keys = [torch.unique(torch.cat(self.keys))]
+        self.commitment.append(stats["commitment"])
+        self.zero_scores += stats["zero_scores"]
+        self.scores += stats["scores"]
+
+    def on_epoch_end(self, trainer, record):
+        usage = self.model.quantizer.codebook_usage(reset=True)
+        keys = torch.unique(torch.cat(self.keys)) if self.keys else torch.zeros(0)
+        record.update({"codebook_perplexity": [round(p, 2) for p in usage["perplexity"]],
+                       "dead_codewords": usage["dead_codewords"], "codeword_restarts": usage["restarts"],
+                       "distinct_codes": int(keys.numel()),
+                       "commitment": round(sum(self.commitment) / max(len(self.commitment), 1), 5),
+                       "zero_score_fraction": round(self.zero_scores / max(self.scores, 1), 4),
+                       "sparse_bias": round(self.model.sparse_bias, 5)})
+        self._reset()
+
+
+CALLBACKS = {cls.name: cls for cls in (QuantizerWarmup, FreezeCodes, CodebookStats)}
+
+
+def build_callbacks(model, spec=None):
+    """Callbacks of an expid: the model class's `default_callbacks` updated by `spec` (name -> kwargs).
+
+    A value of None or false for a name turns a default callback off.
+    """
+    merged = dict(getattr(model, "default_callbacks", {}) or {})
+    merged.update(spec or {})
+    callbacks = []
+    for name, kwargs in merged.items():
+        if name not in CALLBACKS:
+            raise ValueError(f"callbacks: unknown callback {name!r}; known callbacks: {', '.join(sorted(CALLBACKS))}")
+        if kwargs is None or kwargs is False:
+            continue
+        if kwargs is True:
+            kwargs = {}
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"callbacks.{name}={kwargs!r}; expected a mapping of its arguments")
+        try:
+            callbacks.append(CALLBACKS[name](model, **kwargs))
+        except TypeError as exc:
+            raise ValueError(f"callbacks.{name}: {exc}") from None
+    return callbacks
+
+
+def check_callbacks(spec, source=""):
+    """Names and argument names of a `callbacks` spec, checked without a model (at config load)."""
+    if spec is None:
+        return
+    if not isinstance(spec, dict):
+        raise ValueError(f"{source}callbacks={spec!r}; expected a mapping of callback name -> arguments")
+    for name, kwargs in spec.items():
+        if name not in CALLBACKS:
+            raise ValueError(f"{source}callbacks: unknown callback {name!r}; known callbacks: "
+                             f"{', '.join(sorted(CALLBACKS))}")
+        if isinstance(kwargs, dict):
+            allowed = set(inspect.signature(CALLBACKS[name].__init__).parameters) - {"self", "model"}
+            unknown = sorted(set(kwargs) - allowed)
+            if unknown:
+                raise ValueError(f"{source}callbacks.{name}: unknown argument(s) {unknown}; expected {sorted(allowed)}")
