@@ -24,6 +24,7 @@ setup(
         "h5py",
         "pyyaml",
         "scikit-learn",
+        "scipy",
         "faiss-cpu",
         "tqdm",
         "pyarrow",

@@ -13,10 +13,11 @@ items under the exact evaluation protocol of the models (history masked, full ra
   sum of the similarity rows of the history items the models get (`hist_item_id`, the last 20), ties
   broken by popularity. A full-rank item-item table: what a low-rank dot product of towers approximates.
 
-Writes benchmarks/results/demo_ceiling.md.
+Writes benchmarks/results/demo_ceiling.md (or --out).
 
     python benchmarks/demo_ceiling.py
 """
+import argparse
 import os
 import sys
 
@@ -75,8 +76,17 @@ def split_scores(path, latent, counts, similarity):
     return scores, arrays
 
 
-def main():
-    params = load_config(os.path.join(ROOT, "config"), "Popularity_demo_001")
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=os.path.join(ROOT, "config"),
+                        help="config folder; its Popularity_demo_001 expid names the demo dataset")
+    parser.add_argument("--out", default=OUTPUT, help="markdown file written")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    params = load_config(args.config, "Popularity_demo_001")
     data_dir, _, corpus, train, _, _ = open_data(params)
     _, _, _, latent = simulate_demo()               # the pipeline generates the demo with the defaults
     if corpus.num_items != len(latent.item_category):
@@ -97,13 +107,14 @@ def main():
              "compared in sparcode_vs_dssm.md and oracle_comparison.md.", "",
              "| scorer | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     lines += [f"| {name} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |" for name, row in rows.items()]
-    os.makedirs(os.path.dirname(OUTPUT), exist_ok=True)
-    tmp = f"{OUTPUT}.tmp.{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = f"{args.out}.tmp.{os.getpid()}"
     with open(tmp, "w") as fd:
         fd.write("\n".join(lines) + "\n")
-    os.replace(tmp, OUTPUT)
+    os.replace(tmp, args.out)
     print("\n".join(lines))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Build cost of the SparCode sparse index against keys x items (issue: it must scale linearly).
+"""Build cost of the SparCode sparse index against keys x items (it should be linear in keys x items).
 
 A synthetic score function stands in for the model: key k gets a token t_k (unit-normalised Gaussian,
 d=64) and item i a vector v_i ~ N(0, I_d); S = t_k . v_i, computed block by block by numpy exactly as

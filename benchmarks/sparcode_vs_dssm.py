@@ -1,6 +1,6 @@
 """SparCode vs DSSM on the demo data, and SparCode's two quantizer gradient paths.
 
-Runs each expid through `model_zoo.experiment.run_experiment` (the same code path as
+Runs each expid through `model_zoo.engine.experiment.run_experiment` (the same code path as
 `run_expid.py`: train with early stopping on the validation set, then exact full-ranking
 evaluation of the test users) once per seed, and writes a markdown table with test
 Recall@50 / NDCG@50, SparCode's codebook usage at the kept epoch, and the training time:

@@ -112,6 +112,13 @@ def metrics_of(ids, test):
     return {name: float(value) for name, value in values.items()}
 
 
+def postings_per_query(index, query_keys):
+    """Postings summed by each query [n_users]: the lengths of its K_u keys' lists (0 for an unindexed key)."""
+    lengths = np.diff(index.indptr)                                                     # [n_keys]
+    rows = np.minimum(np.searchsorted(index.keys, query_keys), index.n_keys - 1)      # [n_users, K_u]
+    return np.where(index.keys[rows] == query_keys, lengths[rows], 0).sum(axis=1)
+
+
 def sweep_point(matrix, keys, bias, source, target, model, test, query_keys, exact, args):
     """Build the index at b~ = bias from the cached scores and evaluate the test users through it."""
     n_items = matrix.shape[1]
@@ -122,7 +129,6 @@ def sweep_point(matrix, keys, bias, source, target, model, test, query_keys, exa
                                   checkpoint_hash=serving.checkpoint_sha256(model.checkpoint),
                                   codebooks=model.quantizer.codebooks.detach().cpu().numpy())  # [M, N, D_T/M]
     stats = index.stats()
-    lengths = np.diff(index.indptr)                                                     # [n_keys]
     k = max(K_REPORT)
     _, ids = index.search(query_keys, k, test.mask_indptr, test.mask_items)             # [n_users, k]
     scores, top_scores, _ = exact
@@ -136,7 +142,7 @@ def sweep_point(matrix, keys, bias, source, target, model, test, query_keys, exa
     row.update(metrics_of(ids, test))
     row.update({"recall_vs_exact@50": recall_vs_exact(hits, sizes),
                 "query_us_median": latency["median"], "query_us_p90": latency["p90"],
-                "postings_per_query_median": float(np.median(lengths[np.searchsorted(keys, query_keys)].sum(1)))})
+                "postings_per_query_median": float(np.median(postings_per_query(index, query_keys)))})
     return row
 
 
@@ -168,8 +174,9 @@ def main(argv=None):
     for bias, source, target in points:
         row = sweep_point(matrix, keys, bias, source, target, model, test, query_keys, exact, args)
         rows.append(row)
-        logging.info("b~=%.4f (%s %s): Sparsity %.5f - Average Items %.1f - Recall@50 %.4f (exact %.4f) - "
-                     "NDCG@50 %.4f - query %.1f us", bias, source, target, row["Sparsity"], row["Average Items"],
+        logging.info("b~=%.4f (%s): Sparsity %.5f - Average Items %.1f - Recall@50 %.4f (exact %.4f) - "
+                     "NDCG@50 %.4f - query %.1f us", bias, "trained b" if target is None else f"target {target:g}",
+                     row["Sparsity"], row["Average Items"],
                      row["Recall(k=50)"], exact_metrics["Recall(k=50)"], row["NDCG(k=50)"], row["query_us_median"])
     info = {"expid": args.expid, "dataset_id": params["dataset_id"], "n_keys": int(keys.size), "key_set": kind,
             "n_items": int(matrix.shape[1]), "n_users": len(test), "K_u": int(query_keys.shape[1]),
@@ -272,7 +279,8 @@ def write_results(args, rows, info):
         "- Query time: `SparseCodeIndex.search_one(keys, 50, mask)` per test user, one thread (numba kernel), "
         "after warm-up; the query tower (tokenizer + quantizer) is excluded. The machine is shared, so absolute "
         "times are noisy; the trend with sparsity is the point (paper Figure 6(d)).",
-        "- The plot is benchmarks/results/sparsity_sweep.png; the raw numbers are in sparsity_sweep.csv.",
+        (f"- The plot is {os.path.basename(args.out)}.png; the raw numbers are in {os.path.basename(args.out)}.csv."
+         if not args.no_plot else f"- The raw numbers are in {os.path.basename(args.out)}.csv (no plot: --no-plot)."),
     ]
     _atomic_write(args.out + ".md", lambda handle: handle.write("\n".join(lines) + "\n"))
     print("\n".join(lines))

@@ -45,6 +45,17 @@ class CodeIndexable:
         raise NotImplementedError
 
 
+class ClosedForm:
+    """Capability: a model fitted in closed form on the training split (no gradient steps).
+
+    The Trainer calls `fit_closed_form(train_loader)` once instead of a training loop, then saves the
+    weights (buffers) as the checkpoint.
+    """
+
+    def fit_closed_form(self, train_loader):
+        raise NotImplementedError
+
+
 class MatchModel(BaseModel):
     """Base class of every matching model.
 

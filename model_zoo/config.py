@@ -46,7 +46,7 @@ NEGATIVE_SAMPLERS = ("uniform", "popularity", "in_batch")                       
 HISTORY_FEATURES = ("id", "item")                                                  # layers/field_embedding.py
 MONITOR_MODES = ("max", "min")
 SCORE_DTYPES = ("float16", "float32")                                              # retrieval/sparse_index.py
-UNSEEN_KEY_POLICIES = ("nearest", "skip", "score")                                 # retrieval/serving.py
+UNSEEN_KEY_POLICIES = ("nearest", "skip", "score")                                 # retrieval/sparse_index.py
 
 # libyaml's parser when PyYAML was built with it: the same values as yaml.safe_load, several times faster
 # (the tuner loads every generated expid).

@@ -8,7 +8,7 @@ import yaml
 
 from model_zoo import MODELS, get_model, list_models
 from model_zoo.config import (DATA_SOURCES, DEFAULTS, KEY_TABLE, NEGATIVE_SAMPLERS, NON_MODEL_KEYS,
-                              PRECISION_DENOMINATORS, README_END, README_START, SCORE_DTYPES, UNSEEN_KEY_POLICIES,
+                              PRECISION_DENOMINATORS, README_END, README_START,
                               args_docs, check_model_keys, list_expids, load_config, load_experiment, main,
                               model_parameters, readme_reference, render_reference, yaml_text)
 from model_zoo.errors import ConfigError
@@ -97,6 +97,7 @@ def test_unknown_dataset_key_is_named_with_a_suggestion(tiny_config):
     ("max_steps_per_epoch: 0", r"max_steps_per_epoch=0; expected null or an int >= 1"),
     ("gpu: -2", r"gpu=-2; expected an int >= -1"),
     ("history_ratio: 1.0", r"history_ratio=1.0; expected a number in \(0, 1\)"),
+    ("min_history: -1", r"min_history=-1; expected an int >= 0"),
     ("valid_fraction: 0", r"valid_fraction=0; expected null or a number in \(0, 1\)"),
     ("split_ratios: [0.5, 0.3, 0.3]", r"split_ratios=\[0.5, 0.3, 0.3\]; expected three numbers .* summing to 1"),
     ("max_len: 0", r"max_len=0; expected an int >= 1"),
@@ -219,11 +220,8 @@ def test_the_choices_of_the_table_are_the_implemented_ones():
     import numpy as np
     from model_zoo.data.samplers import NegativeSampler
     from model_zoo.data.sources import SOURCES
-    from model_zoo.retrieval import sparse_index
     from model_zoo.retrieval.metrics import topk_metrics
     assert set(DATA_SOURCES) == set(SOURCES)
-    assert set(SCORE_DTYPES) == set(sparse_index.SCORE_DTYPES)
-    assert set(UNSEEN_KEY_POLICIES) == set(sparse_index.UNSEEN_KEY_POLICIES)
     for kind in NEGATIVE_SAMPLERS:
         NegativeSampler(kind, num_items=3, num_negatives=2, item_counts=[1, 2, 3])
     for denominator in PRECISION_DENOMINATORS:

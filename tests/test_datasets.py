@@ -474,8 +474,6 @@ def test_bars_valid_fraction_holds_out_training_items(tmp_path):
         assert {(user, i) for i in mask} <= train_pairs
         assert gt <= test_rows[user][1], "the test mask covers all of the user's training items"
         assert len(gt) == len(train[int(user)]) - max(1, int(np.floor(0.5 * len(train[int(user)]))))
-    with pytest.raises(ConfigError, match="valid_fraction"):
-        build_dataset(dict(params, valid_fraction=1.5))
 
 
 def test_bars_bad_line_is_named(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from model_zoo import MODELS, get_model
+from model_zoo.base import ClosedForm
 from model_zoo.config import load_config
 from model_zoo.engine.evaluator import Evaluator
 from model_zoo.engine.trainer import Trainer
@@ -61,6 +62,9 @@ def test_every_model_builds_trains_and_evaluates(name, tmp_path, tiny_raw):
         for pname, param in trainable:
             assert param.grad is not None, f"{name}: {pname} got no gradient"
             assert torch.isfinite(param.grad).all(), f"{name}: {pname} has a NaN gradient"
+    if isinstance(model, ClosedForm):
+        model.fit_closed_form(train)
+        assert all(torch.isfinite(b).all() for b in model.buffers()), f"{name}: a NaN in the fitted buffers"
     metrics = EVALUATOR.evaluate(model, valid)
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     topk = EVALUATOR.rank(model, valid, 20)

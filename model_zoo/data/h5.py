@@ -30,13 +30,14 @@ def write_h5(path, columns):
             os.remove(tmp)
 
 
-# What h5py raises on a truncated, overwritten or otherwise corrupt file, when opening or reading it.
-H5_READ_ERRORS = (OSError, KeyError, ValueError, RuntimeError)
+# What h5py raises on a truncated, overwritten or otherwise corrupt file, when opening or reading it
+# (a corrupt shape can also ask for an impossible allocation: MemoryError; a corrupt name or type: TypeError).
+H5_READ_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError, MemoryError)
 
 
 def _unreadable(path, exc):
-    return DataError(f"{path}: not a readable H5 file ({type(exc).__name__}: {exc}); it is truncated or "
-                     "corrupt (build_dataset rebuilds a damaged built file when its raw files are available)")
+    return DataError(f"{path}: not a readable H5 file ({type(exc).__name__}: {exc}); it is damaged or not an "
+                     "H5 file (build_dataset rebuilds a damaged built file when its raw files are available)")
 
 
 @contextlib.contextmanager

@@ -1,5 +1,4 @@
 """Read built H5 files: shuffled training batches, evaluation users, the item corpus."""
-import json
 import os
 
 import numpy as np
@@ -21,7 +20,7 @@ def load_feature_map(data_dir, dataset_id):
     feature_map = FeatureMap(dataset_id, data_dir)
     try:
         feature_map.load(path, params={})
-    except (json.JSONDecodeError, KeyError) as exc:
+    except (ValueError, KeyError) as exc:        # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise DataError(f"{path}: corrupt feature map ({exc})") from None
     return feature_map
 

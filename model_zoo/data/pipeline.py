@@ -1,4 +1,4 @@
-"""Raw tables -> FuxiCTR features -> H5 files (DESIGN.md section 4).
+"""Raw tables -> FuxiCTR features -> H5 files (docs/design.md, "Data and file formats").
 
 `build_dataset(params)` is idempotent: it rebuilds only when a raw file (size and sha256)
 or a build parameter changed since `build_info.json` was written, or when a built file no
@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pandas as pd
 
+from ..config import TRAIN_HISTORIES  # noqa: F401  (re-exported: the train_history values built here)
 from ..errors import ConfigError, DataError
 from .feature_processor import HISTORY_FEATURE, MatchFeatureProcessor
 from .h5 import write_h5
@@ -29,7 +30,6 @@ SPLITS = ("train", "valid", "test")
 # Files a build writes into the data folder; build_info.json records the size and sha256 of each one present.
 BUILT_FILES = tuple(f"{s}.h5" for s in SPLITS) + ("item_corpus.h5", "users.h5", "feature_map.json",
                                                    "feature_processor.pkl", "feature_vocab.json")
-TRAIN_HISTORIES = ("past", "user_sample")
 HASH_CHUNK_BYTES = 4 << 20
 
 
@@ -54,7 +54,7 @@ def _build_params(params):
     return json.loads(json.dumps({k: params.get(k) for k in BUILD_KEYS}, default=list))
 
 
-def required_built_files(build_params):
+def _required_built_files(build_params):
     """Names of the files every complete build of `build_params` has in its data folder."""
     names = [f"{s}.h5" for s in SPLITS] + ["item_corpus.h5", "feature_map.json", "feature_processor.pkl"]
     if build_params.get("train_user_table"):
@@ -87,7 +87,7 @@ def verify_built_files(data_dir, info):
     """
     records = {r.get("name"): r for r in info.get("built_files", []) if isinstance(r, dict)}
     problems = [f"{os.path.join(data_dir, name)}: not recorded in {BUILD_INFO}"
-                for name in required_built_files(info.get("params") or {}) if name not in records]
+                for name in _required_built_files(info.get("params") or {}) if name not in records]
     for name, record in records.items():
         path = os.path.join(data_dir, str(name))
         if not os.path.isfile(path):
@@ -104,17 +104,8 @@ def verify_built_files(data_dir, info):
     return problems
 
 
-def _missing_raw_files(params, info):
-    """Recorded raw files (or raw_dir itself) that no longer exist."""
-    raw_dir = params.get("raw_dir")
-    missing = [raw_dir] if raw_dir and not os.path.isdir(raw_dir) else []
-    return missing + [r["path"] for r in info.get("files", []) if not os.path.exists(r["path"])]
-
-
 def split_users(user_ids, ratios, seed):
-    """Shuffle users with `seed` and cut them by `ratios` (train, valid, test)."""
-    if len(ratios) != 3 or abs(sum(ratios) - 1.0) > 1e-6 or min(ratios) < 0:
-        raise ConfigError(f"split_ratios={list(ratios)}: expected three non-negative numbers summing to 1")
+    """Shuffle users with `seed` and cut them by `ratios` (train, valid, test; checked by the config)."""
     order = np.random.RandomState(seed).permutation(len(user_ids))
     n_train = int(round(ratios[0] * len(user_ids)))
     n_valid = int(round(ratios[1] * len(user_ids)))
@@ -134,12 +125,6 @@ def _csr(lists):
     indptr[1:] = np.cumsum([len(x) for x in lists])
     items = np.concatenate(lists).astype(np.int64) if lists else np.zeros(0, np.int64)
     return indptr, items
-
-
-def check_train_history(value):
-    if value not in TRAIN_HISTORIES:
-        raise ConfigError(f"train_history={value!r}: expected one of {list(TRAIN_HISTORIES)}")
-    return value
 
 
 def timeline_columns(timelines, row_timeline):
@@ -172,11 +157,7 @@ def make_examples(sequences, max_len, min_history, history_ratio, is_train, trai
     Returns:
         dict with `user_row`, `hist` and either `item_index` (train) or the gt/mask CSR.
     """
-    if isinstance(min_history, bool) or not isinstance(min_history, (int, np.integer)) or min_history < 0:
-        raise ConfigError(f"min_history={min_history!r}: expected an integer >= 0 (earlier items required "
-                          "before a training target)")
     if is_train:
-        check_train_history(train_history)
         rows, hists, targets, timelines, row_timeline = [], [], [], [], []
         for user_row, seq in sequences:
             positions = np.arange(min_history, len(seq))
@@ -286,9 +267,8 @@ def cyclic_histories(codes, group_start, group_size, position, max_len):
 
 
 def _hold_out_valid(train, fraction, history_ratio, seed, path):
-    """Move the last (1 - history_ratio) of the training items of a `fraction` of users to validation."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-        raise ConfigError(f"valid_fraction={fraction!r}; expected a number in (0, 1) or null (validation = test)")
+    """Move the last (1 - history_ratio) of the training items of a `fraction` (in (0, 1), checked by the
+    config) of users to validation."""
     sizes = train.groupby("user_row").size()
     eligible = sizes.index[sizes >= 2].to_numpy()
     if len(eligible) == 0:
@@ -411,7 +391,7 @@ def given_examples(params, raw, item_row):
     else:
         hist = np.zeros((len(user_rows), max_len), dtype=np.int64)
     examples = {"train": {"user_row": user_rows, HISTORY_FEATURE: hist, "item_index": codes - 1}}
-    if check_train_history(params["train_history"]) == "user_sample":
+    if params["train_history"] == "user_sample":
         if not raw.given_history:
             raise ConfigError(f"dataset {params['dataset_id']}: train_history='user_sample' needs user histories; "
                               f"source {params['source']!r} has none: expected 'past'")
@@ -476,7 +456,7 @@ def build_dataset(params, force=False):
                         f"built dataset in {data_dir}, whose files match {BUILD_INFO}")
         return data_dir
     raw_files = [_raw_file_record(p) for p in raw.files]
-    if info is not None and not problems and _by_path(info.get("files", [])) == _by_path(raw_files):
+    if info is not None and not problems and _digests_by_path(info.get("files", [])) == _digests_by_path(raw_files):
         logging.info(f"Reusing built dataset in {data_dir}")
         return data_dir
     if problems:
@@ -500,7 +480,7 @@ def _unavailable_raw(params, missing, exc):
     return str(exc)
 
 
-def _by_path(records):
+def _digests_by_path(records):
     return {r.get("path"): (r.get("bytes"), r.get("sha256")) for r in records if isinstance(r, dict)}
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-SAMPLERS = ("uniform", "popularity", "in_batch")
+from ..config import NEGATIVE_SAMPLERS as SAMPLERS
 
 
 class NegativeSampler:

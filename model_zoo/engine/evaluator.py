@@ -33,13 +33,19 @@ class Evaluator:
         self.precision_denominator = precision_denominator
         self.eval_batch_size, self.verbose = eval_batch_size, verbose
 
+    @classmethod
+    def from_params(cls, params):
+        """The Evaluator of an expid's merged parameters (metrics, precision_denominator, eval_batch_size, verbose)."""
+        return cls(params["metrics"], params.get("precision_denominator", "k"), params["eval_batch_size"],
+                   verbose=bool(params.get("verbose", 1)))
+
     @property
     def max_k(self):
         return max(self.metric_ks)
 
     def _block_users(self, model):
         """Users per block: eval_batch_size, capped by the model's (user, item) pair budget if it has one."""
-        pairs = getattr(model, "eval_pairs_per_block", None)
+        pairs = model.eval_pairs_per_block
         if not pairs:
             return self.eval_batch_size
         return max(1, min(self.eval_batch_size, pairs // max(model.item_corpus.num_items, 1)))
@@ -51,7 +57,7 @@ class Evaluator:
         model.eval()
         item_repr = model.all_item_repr()
         block, num_users = self._block_users(model), len(eval_users)
-        log_seconds = getattr(model, "ranking_log_seconds", None)
+        log_seconds = model.ranking_log_seconds
         results, started = [], time.time()
         last_log = started
         with progress_bar(total=num_users, unit="user", desc="rank", verbose=self.verbose) as bar:

@@ -72,11 +72,6 @@ def serving_report(model, test, data_dir, params):
     return report
 
 
-def make_evaluator(params):
-    return Evaluator(params["metrics"], params.get("precision_denominator", "k"), params["eval_batch_size"],
-                     verbose=bool(params.get("verbose", 1)))
-
-
 def prepare(config_dir, expid, gpu=-1):
     """Load and check everything that can be checked before any data is built: the config, the model
     name and its keys, the callbacks. Returns (params, model class)."""
@@ -127,7 +122,7 @@ def run_experiment(config_dir, expid, gpu=-1, command=None, fresh=False, extra_c
     model.set_item_corpus(corpus, train.item_counts(corpus.num_items))
     logging.info(f"Model {params['model']}: {sum(p.numel() for p in model.parameters() if p.requires_grad)} "
                  f"trainable parameters")
-    evaluator = make_evaluator(params)
+    evaluator = Evaluator.from_params(params)
     callbacks = build_callbacks(model, params.get("callbacks")) + list(extra_callbacks)
     trainer = Trainer(model, evaluator, callbacks, epochs=params["epochs"], learning_rate=params["learning_rate"],
                       optimizer=params["optimizer"], monitor=params["monitor"], monitor_mode=params["monitor_mode"],

@@ -98,11 +98,6 @@ def report_lines(report):
 
 # ----------------------------------------------------------------------------- shared helpers
 
-def _evaluator(params):
-    return Evaluator(metrics=params["metrics"], precision_denominator=params["precision_denominator"],
-                     eval_batch_size=params["eval_batch_size"], verbose=bool(params["verbose"]))
-
-
 def _metrics(evaluator, topk, eval_users):
     return {name: float(value) for name, value in evaluator.metrics(topk, eval_users).items()}
 
@@ -276,7 +271,7 @@ def build_code_index(model, data_dir=None, sparsity_bias=None, target_sparsity=N
         progress=progress, num_codebooks=model.quantizer.num_codebooks, codebook_size=model.quantizer.codebook_size,
         num_query_tokens=num_query_tokens, key_set_kind=kind, checkpoint_hash=checkpoint_hash, codebooks=codebooks,
         unseen_key=unseen_key,
-        extra_metadata={"model": type(model).__name__, "model_id": getattr(model, "model_id", None),
+        extra_metadata={"model": type(model).__name__, "model_id": model.model_id,
                         "bias_source": source, "trained_bias": float(model.sparse_bias),
                         "target_sparsity": target_sparsity, "key_set_seconds": key_set_seconds,
                         "bias_seconds": bias_seconds})
@@ -363,7 +358,7 @@ def code_index_report(model, test_users, data_dir, params, index_path=None, writ
         JSON-ready dict: "kind", "index" (Sparsity, Average Items, bytes, build seconds, b~ ...),
         "metrics_index", "metrics_exact", "recall_vs_exact" / "recall_vs_exact_k".
     """
-    evaluator = _evaluator(params)
+    evaluator = Evaluator.from_params(params)
     progress = _show_progress(params)
     checkpoint_sha = checkpoint_sha256(model.checkpoint)
     index = build_code_index(model, data_dir, params["sparsity_bias"], params["target_sparsity"],
@@ -446,7 +441,7 @@ def vector_index_report(model, test_users, params):
         JSON-ready dict: "kind", "n_items", "dim", "metrics_exact", "faiss" {name: {"metrics",
         "recall_vs_exact", "build_seconds", "index_bytes", "params"}}, "recall_vs_exact_k".
     """
-    evaluator = _evaluator(params)
+    evaluator = Evaluator.from_params(params)
     k_max = evaluator.max_k
     batch_size, num_threads = params["eval_batch_size"], params["num_threads"]
     n_users = len(test_users)

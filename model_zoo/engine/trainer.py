@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from fuxictr.pytorch.torch_utils import get_optimizer
 
+from ..base import ClosedForm
 from ..retrieval.metrics import format_metrics
 from .progress import progress_bar
 
@@ -96,14 +97,11 @@ class Trainer:
                 "global_step": self.global_step, "best": self.best, "patience": self.patience,
                 "history": self.history, "finished": self.finished, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-                "codes_frozen": bool(getattr(self.model, "codes_frozen", False)),
                 "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_state(np.random.get_state()),
                         "python": random.getstate(), "loader": _numpy_state(loader.rng.get_state()),
                         "sampler": sampler.generator.get_state() if sampler is not None else None}}
 
     def load_state_dict(self, state, loader):
-        if state.get("codes_frozen"):           # parameters frozen before the optimizer state is restored
-            self.model.freeze_user_side()
         self.model.load_state_dict(state["model"])
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -183,6 +181,10 @@ class Trainer:
         """Train until `epochs` or early stopping; the best weights are in `model.checkpoint` and loaded."""
         model = self.model
         if not model.trainable or self.optimizer is None:
+            if isinstance(model, ClosedForm):
+                started = time.time()
+                model.fit_closed_form(loader)
+                logging.info(f"Fitted {type(model).__name__} in closed form in {time.time() - started:.1f} s")
             model.save_weights(model.checkpoint)
             return self.history
         if resume:

@@ -3,10 +3,8 @@ import torch
 from torch import nn
 from fuxictr.pytorch.layers import FeatureEmbeddingDict
 
+from ..config import HISTORY_FEATURES as HISTORY_MODES
 from ..data.feature_processor import HISTORY_FEATURE
-
-
-HISTORY_MODES = ("id", "item")
 
 
 class FieldEmbedding(nn.Module):

@@ -26,7 +26,7 @@ PAIR_BUDGET = 1 << 24     # floats of one scorer chunk: pairs x (input width + h
 
 
 class SparCode(MatchModel, CodeIndexable):
-    """SparCode with an exact full-ranking evaluation (the index path lives in retrieval/).
+    """SparCode with an exact full-ranking evaluation (the index is built by engine/serving.py).
 
     Args:
         feature_map: FuxiCTR FeatureMap.
@@ -214,7 +214,7 @@ class SparCode(MatchModel, CodeIndexable):
         """Commitment loss (x lambda) of the last encode_users call in training mode."""
         return 0.0 if self._commit_loss is None else self._commit_loss
 
-    # ---- serving hooks (index issue) ------------------------------------------------
+    # ---- serving hooks (CodeIndexable) ------------------------------------------------
     @contextlib.contextmanager
     def _inference(self):
         was_training = self.training

@@ -9,11 +9,7 @@
 - sparsity.py       b~ for a target sparsity, index size estimate, memory check
 - score_blocks.py   block-wise calls of a score function
 - _merge.py         query kernels (numpy / numba)
+
+Import the modules themselves (`from model_zoo.retrieval.sparse_index import SparseCodeIndex`): this
+package imports nothing, so the layers that use code_keys do not load faiss or numba.
 """
-from .code_keys import choose_key_set, key_space, pack_codes, unpack_keys
-from .exact import csr_rows, exact_search, masked_topk
-from .faiss_index import FaissRetriever
-from .index_io import SparseIndexFileError, SparseIndexMismatchError
-from .metrics import KNOWN_METRICS, format_metrics, parse_metric_name, topk_metrics
-from .sparse_index import SCORE_DTYPES, UNSEEN_KEY_POLICIES, SparseCodeIndex
-from .sparsity import choose_bias_for_sparsity, estimate_index_size

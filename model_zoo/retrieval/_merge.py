@@ -4,7 +4,7 @@ Two backends compute the same result bit for bit:
 
 - ``numpy``: vectorised numpy per posting list (always available; the reference).
 - ``numba``: compiled loops (optional dependency ``numba``), about 5x faster at batch 1
-  (benchmarks/results/retrieval_latency.md); needed for the DESIGN.md 50 us target.
+  (benchmarks/results/retrieval_latency.md), the path measured against the latency target of docs/design.md.
 
 Shared semantics (both backends):
 - ``rows`` [K_u] are CSR row numbers of the query's keys; a row of -1 is skipped. A row that

@@ -84,7 +84,7 @@ def masked_topk(scores, k, mask_indptr=None, mask_items=None, row_offset=0, inpl
     return top_scores, top_ids
 
 
-def exact_search(score_fn, n_users, k, batch_size, mask_indptr=None, mask_items=None, progress=True):
+def exact_search(score_fn, n_users, k, batch_size, mask_indptr=None, mask_items=None, progress=False):
     """Brute-force top-k for all users, block by block.
 
     Args:

@@ -10,8 +10,9 @@ import re
 
 import numpy as np
 
+from ..config import PRECISION_DENOMINATORS
+
 KNOWN_METRICS = ("Recall", "NDCG", "HitRate", "Precision")
-PRECISION_DENOMINATORS = ("k", "min_gt_k")
 _METRIC_NAME_RE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_]*)\s*\(\s*k\s*=\s*(\d+)\s*\)\s*$")
 
 

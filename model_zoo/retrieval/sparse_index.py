@@ -19,7 +19,8 @@ twice counts twice), masked items removed, top-k by score desc then item id asc.
 K_u posting lists have score 0 and are never returned; unfilled slots are -inf / -1. With b~ = the
 trained b, float32 storage and no top-L cap, the result is exactly the top-k of the model's Eq. 11
 scores among items with a positive score. Kernels live in ``_merge.py``: ``backend="auto"`` uses numba
-when it is installed (needed for the DESIGN.md latency target), else numpy; both return identical results.
+when it is installed (about 5x faster at batch 1, benchmarks/results/retrieval_latency.md), else numpy;
+both return identical results.
 
 A query key outside an "observed" key set is handled by the index's ``unseen_key`` policy
 (UNSEEN_KEY_POLICIES, the one vocabulary of the config key ``unseen_key``):
@@ -44,13 +45,12 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from ..config import SCORE_DTYPES, UNSEEN_KEY_POLICIES
 from . import _merge
 from .code_keys import KEY_SET_KINDS, key_space, pack_codes, unpack_keys
 from .index_io import SparseIndexFileError, read_index_file, write_index_file
 from .score_blocks import TorchThreads, check_keys, iter_score_blocks
 
-UNSEEN_KEY_POLICIES = ("nearest", "skip", "score")
-SCORE_DTYPES = ("float16", "float32")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _INT32_MAX = int(np.iinfo(np.int32).max)
 _NEAREST_CACHE_SIZE = 100_000
@@ -262,7 +262,7 @@ class SparseCodeIndex:
 
     @classmethod
     def build(cls, score_fn, keys, n_items, sparsity_bias, top_l=None, key_block=256, item_block=16384,
-              score_dtype="float32", num_threads=None, progress=True, *, num_codebooks, codebook_size,
+              score_dtype="float32", num_threads=None, progress=False, *, num_codebooks, codebook_size,
               num_query_tokens=None, key_set_kind=None, checkpoint_hash="", codebooks=None,
               unseen_key="nearest", backend="auto", extra_metadata=None):
         """Build the index: postings relu(S + b~) > 0 for every key x item, optional top-L per key.

@@ -101,7 +101,15 @@ def estimate_index_size(score_fn, keys, n_items, bias, top_l=None, score_dtype="
 
 
 def available_memory_bytes():
-    """Free physical memory in bytes, or None where the OS does not report it (then no check is made)."""
+    """Available physical memory in bytes (Linux MemAvailable: free plus reclaimable page cache, else free
+    pages), or None where the OS does not report it (then no check is made)."""
+    try:
+        with open("/proc/meminfo") as fd:
+            for line in fd:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
