@@ -34,7 +34,7 @@ from model_zoo.config import load_config  # noqa: E402
 from model_zoo.engine.experiment import run_experiment  # noqa: E402
 from model_zoo.results import load_result_if_current  # noqa: E402
 
-# DSSM with its tuned inputs and with the item-feature history SparCode reads; SparCode as the issue specifies
+# DSSM with its tuned inputs and with the item-feature history SparCode reads; SparCode in its demo settings
 # it (innerp_dnn), its commitment_only twin, and its best variant (the dot scorer); then both trained on
 # sampled user histories (dataset demo_sample, `train_history: user_sample`), SparCode also with frozen codes
 # after its warm-up (SparCode_demo_sample_frozen).

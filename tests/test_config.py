@@ -82,7 +82,7 @@ def test_unknown_dataset_key_is_named_with_a_suggestion(tiny_config):
 
 # ---- values out of type, range or choices: the error names file, expid and key, before any data -------
 @pytest.mark.parametrize("line, message", [
-    # the three
+    # the three a user is most likely to get wrong
     ("epochs: 0", r"epochs=0; expected an int >= 1"),
     ("learning_rate: -1.e-3", r"learning_rate=-0.001; expected a number > 0"),
     ("target_sparsity: 1.5", r"target_sparsity=1.5; expected null or a number in \(0, 1\)"),

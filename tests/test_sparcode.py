@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from model_zoo.engine.evaluator import Evaluator
 from model_zoo.engine.experiment import run_experiment
 from model_zoo.engine.trainer import Trainer
+from model_zoo.layers import interaction as interaction_module
 from model_zoo.layers.quantizer import GRADIENT_MODES
-from model_zoo.models import sparcode as sparcode_module
 from model_zoo.models.sparcode import SparCode
 
 from .conftest import open_tiny, write_config
@@ -150,10 +150,10 @@ def test_chunked_scores_equal_unchunked(tiny, monkeypatch):
     with torch.no_grad():
         user_repr, items = model.encode_users(users), model.all_item_repr()
         whole = model.score_matrix(user_repr, items)
-        monkeypatch.setattr(sparcode_module, "PAIR_BUDGET", 1000)       # many small chunks
+        monkeypatch.setattr(interaction_module, "PAIR_BUDGET", 1000)    # many small chunks
         assert torch.allclose(model.score_matrix(user_repr, items), whole, atol=1e-5)
-        assert torch.allclose(model._pair_scores(user_repr[0].reshape(-1, 8), items, item_chunk=7),
-                              model._pair_scores(user_repr[0].reshape(-1, 8), items), atol=1e-6)
+        assert torch.allclose(model.scorer.all_pairs(user_repr[0].reshape(-1, 8), items, item_chunk=7),
+                              model.scorer.all_pairs(user_repr[0].reshape(-1, 8), items), atol=1e-6)
         # score_tokens on the quantized tokens = the deduplicated key path of score_matrix
         assert torch.allclose(model.score_tokens(user_repr[0], items), whole, atol=1e-5)
 

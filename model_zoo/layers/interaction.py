@@ -30,6 +30,7 @@ from fuxictr.pytorch.layers import CrossNet, MLP_Block
 from fuxictr.pytorch.torch_utils import get_activation
 
 INTERACTIONS = ("dot", "maxsim", "crossnet", "dnn", "innerp_dnn")
+PAIR_BUDGET = 1 << 24     # floats of one all_pairs block: pairs x (input width + hidden units)
 PAIRWISE_INTERACTIONS = ("dot", "maxsim")   # all query x item scores by matrix products (pairwise)
 
 
@@ -84,6 +85,7 @@ class InteractionScorer(nn.Module):
         self.token_dim = token_dim
         self.num_item_tokens = num_item_tokens
         self.interaction = interaction
+        self.pair_width = (num_item_tokens + 1) * token_dim + sum(hidden_units)   # floats per (query, item) pair
 
         items_dim = num_item_tokens * token_dim
         if interaction == "innerp_dnn":
@@ -140,6 +142,22 @@ class InteractionScorer(nn.Module):
         if self.interaction == "dot":
             return queries @ items.sum(dim=-2).t()                                     # [Q, C]
         return torch.einsum("qd,ckd->qck", queries, items).amax(dim=-1)               # [Q, C]
+
+    def all_pairs(self, queries, items, item_chunk=4096):
+        """Every query against every item for any interaction: queries [Q, D], items [C, K_c, D] -> [Q, C].
+
+        `dot` / `maxsim` by matrix products (pairwise); the MLP scorers in blocks of queries x items that keep
+        one block's activations within PAIR_BUDGET floats."""
+        columns = []
+        for start in range(0, items.shape[0], item_chunk):
+            chunk = items[start:start + item_chunk]                                     # [c, K_c, D]
+            if self.interaction in PAIRWISE_INTERACTIONS:
+                columns.append(self.pairwise(queries, chunk))                           # [Q, c]
+                continue
+            rows = max(1, PAIR_BUDGET // (chunk.shape[0] * self.pair_width))
+            columns.append(torch.cat([self(queries[q:q + rows].unsqueeze(1), chunk.unsqueeze(0))
+                                      for q in range(0, queries.shape[0], rows)], dim=0))  # [Q, c]
+        return torch.cat(columns, dim=1) if columns else queries.new_zeros(queries.shape[0], 0)
 
     def extra_repr(self):
         return (f"interaction={self.interaction!r}, token_dim={self.token_dim}, "

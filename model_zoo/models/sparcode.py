@@ -17,12 +17,10 @@ from fuxictr.pytorch.layers import MLP_Block
 from ..base import CodeIndexable, MatchModel
 from ..data.feature_processor import HISTORY_FEATURE
 from ..layers.field_embedding import FieldEmbedding
-from ..layers.interaction import INTERACTIONS, PAIRWISE_INTERACTIONS, InteractionScorer
+from ..layers.interaction import INTERACTIONS, InteractionScorer
 from ..layers.quantizer import GRADIENT_MODES, ProductQuantizer
 from ..layers.token_heads import HEAD_TYPES, TokenHeads
 from ..layers.tokenizers import HISTORY_HEADS, TOKENIZERS, UserTokenizer
-
-PAIR_BUDGET = 1 << 24     # floats of one scorer chunk: pairs x (input width + hidden units)
 
 
 class SparCode(MatchModel, CodeIndexable):
@@ -109,7 +107,6 @@ class SparCode(MatchModel, CodeIndexable):
         self.scorer = InteractionScorer(token_dim, num_item_tokens, interaction, hidden_units, hidden_activations,
                                         dropout=net_dropout)
         self.bias = nn.Parameter(torch.tensor(float(sparse_bias_init)))    # b of Eq. 10
-        self.pair_width = (num_item_tokens + 1) * token_dim + sum(hidden_units or ())
         # Set by the Trainer's callbacks (engine/callbacks.py): quantizer_warmup, freeze_codes.
         self.feed_unquantized_tokens, self.codes_frozen = False, False
         self._commit_loss, self.step_stats = None, None
@@ -176,19 +173,6 @@ class SparCode(MatchModel, CodeIndexable):
             self.step_stats["scores"] += sparse.numel()
         return sparse.sum(-1)
 
-    def _pair_scores(self, queries, items, item_chunk=4096):
-        """S of every query against every item: queries [Q, D_T], items [C, K_c, D_T] -> [Q, C]."""
-        columns = []
-        for i in range(0, items.shape[0], item_chunk):
-            if self.scorer.interaction in PAIRWISE_INTERACTIONS:                            # matrix products
-                columns.append(self.scorer.pairwise(queries, items[i:i + item_chunk]))      # [Q, c]
-                continue
-            block = items[i:i + item_chunk].unsqueeze(0)                                     # [1, c, K_c, D_T]
-            rows = max(1, PAIR_BUDGET // (block.shape[1] * self.pair_width))
-            columns.append(torch.cat([self.scorer(queries[q:q + rows].unsqueeze(1), block)
-                                      for q in range(0, queries.shape[0], rows)], dim=0))    # [Q, c]
-        return torch.cat(columns, dim=1) if columns else queries.new_zeros(queries.shape[0], 0)
-
     def score_pairs(self, user_repr, item_repr):
         quantized, _ = user_repr                                                            # [B, K_u, D_T]
         raw = self.scorer(quantized.unsqueeze(1), item_repr.unsqueeze(2))                   # [B, C, K_u]
@@ -201,13 +185,13 @@ class SparCode(MatchModel, CodeIndexable):
         if torch.is_grad_enabled():
             return self.score_tokens(quantized, item_repr)                                  # [B, C]
         unique, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
-        raw = self._pair_scores(self.code_vectors(unique), item_repr)[inverse]              # [B * K_u, C]
+        raw = self.scorer.all_pairs(self.code_vectors(unique), item_repr)[inverse]              # [B * K_u, C]
         return self._sparse_sum(raw.view(batch, num_tokens, -1).transpose(1, 2))            # [B, C]
 
     def score_tokens(self, tokens, item_repr):
         """Eq. 10-11 for any token vectors (quantized or not): tokens [B, K_u, D_T], items [C, K_c, D_T] -> [B, C]."""
         batch, num_tokens, dim = tokens.shape
-        raw = self._pair_scores(tokens.reshape(-1, dim), item_repr)                         # [B * K_u, C]
+        raw = self.scorer.all_pairs(tokens.reshape(-1, dim), item_repr)                         # [B * K_u, C]
         return self._sparse_sum(raw.view(batch, num_tokens, -1).transpose(1, 2))            # [B, C]
 
     def auxiliary_loss(self):
@@ -252,4 +236,4 @@ class SparCode(MatchModel, CodeIndexable):
                     return torch.zeros(torch.as_tensor(keys).numel(), 0, device=self.device)
                 items = torch.cat([self.encode_items(self.items(index[s:s + 4096]))
                                    for s in range(0, index.numel(), 4096)])                # [n_items, K_c, D_T]
-            return self._pair_scores(self.code_vectors(keys).reshape(-1, self.quantizer.token_dim), items)
+            return self.scorer.all_pairs(self.code_vectors(keys).reshape(-1, self.quantizer.token_dim), items)
