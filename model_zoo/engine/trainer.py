@@ -68,7 +68,7 @@ class Trainer:
         callbacks: engine.callbacks.Callback objects (model schedules and statistics).
         epochs: maximum number of epochs (>= 1).
         learning_rate: optimizer learning rate.
-        optimizer: optimizer name understood by FuxiCTR (`adam`, `sgd`, ...).
+        optimizer: optimizer name understood by FuxiCTR (`adam`, or a torch.optim class name such as `SGD`).
         monitor: metric used for early stopping and the best checkpoint.
         monitor_mode: `max` or `min`.
         early_stop_patience: epochs without improvement before stopping.
