@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from model_zoo.engine.callbacks import (CALLBACKS, Callback, CodebookStats, FreezeCodes, QuantizerWarmup,
-                                        build_callbacks, check_callbacks)
+from model_zoo.engine.callbacks import (CALLBACKS, CodebookStats, FreezeCodes, QuantizerWarmup, build_callbacks,
+                                        check_callbacks)
 from model_zoo.engine.evaluator import Evaluator
 from model_zoo.engine.trainer import Trainer
 from model_zoo.models.dssm import DSSM
@@ -106,8 +106,15 @@ def test_callback_errors_name_the_callback_and_the_known_ones(tiny):
         build_callbacks(model, {"warmup": {"steps": 3}})
     with pytest.raises(ValueError, match="callbacks.quantizer_warmup.steps=-1"):
         build_callbacks(model, {"quantizer_warmup": {"steps": -1}})
-    with pytest.raises(ValueError, match="unknown argument"):
-        check_callbacks({"freeze_codes": {"after": 3}})
+    # checked at load, without a model: argument names, required arguments, values, the model's capability
+    with pytest.raises(ValueError, match="unexpected keyword argument 'after'"):
+        check_callbacks({"freeze_codes": {"after_steps": 3, "after": 3}}, SparCode)
+    with pytest.raises(ValueError, match="missing a required argument: 'after_steps'"):
+        check_callbacks({"freeze_codes": {}}, SparCode)
+    with pytest.raises(ValueError, match="callbacks.quantizer_warmup.steps=2.5"):
+        check_callbacks({"quantizer_warmup": {"steps": 2.5}}, SparCode)
+    with pytest.raises(ValueError, match="DSSM has no product quantizer"):
+        check_callbacks({"quantizer_warmup": {"steps": 3}}, DSSM)
     assert build_callbacks(model, {"codebook_stats": None}) == []   # a default turned off
     dssm = DSSM(tiny["feature_map"], embedding_dim=8, user_hidden_units=[8], item_hidden_units=[8])
     with pytest.raises(ValueError, match="no product quantizer"):
@@ -146,9 +153,9 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, tiny_raw):
     """SIGKILL in the second epoch, rerun: same test metrics as an uninterrupted run (one thread, same seed)."""
     expid = "SparCode_resume"
     entry = dict(SMALL_SPARCODE, epochs=3, max_steps_per_epoch=4, early_stop_patience=3,
-                 callbacks={"quantizer_warmup": {"steps": 3}, "freeze_codes": {"after_steps": 6}})
+                 callbacks={"quantizer_warmup": {"steps": 3}, "freeze_codes": {"after_steps": 3}})
     results = {}
-    for name, kill_step in (("straight", None), ("killed", 5)):
+    for name, kill_step in (("straight", None), ("killed", 6)):   # epoch 2 is steps 4-7, after the freeze
         root = tmp_path / name
         config = write_config(str(root), tiny_raw, {expid: entry})
         if kill_step is not None:
@@ -164,6 +171,10 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, tiny_raw):
     assert results["killed"]["test"] == results["straight"]["test"]
     assert results["killed"]["valid"] == results["straight"]["valid"]
     assert [h["loss"] for h in results["killed"]["history"]] == [h["loss"] for h in results["straight"]["history"]]
+    rerun = _run(config, expid, root)                                   # finished: evaluated again, not trained
+    assert rerun.returncode == 0 and "[Epoch" not in rerun.stderr, rerun.stderr[-2000:]
+    with open(root / "checkpoints" / "tiny" / f"{expid}.json") as fd:
+        assert json.load(fd)["test"] == results["straight"]["test"]
 
 
 def test_state_of_another_config_is_not_resumed(tiny, tmp_path):

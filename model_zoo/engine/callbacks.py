@@ -19,7 +19,18 @@ from ..base import CodeIndexable
 
 
 class Callback:
-    """Hooks called by the Trainer. `trainer.global_step` counts the optimizer steps done so far."""
+    """Hooks called by the Trainer. `trainer.global_step` counts the optimizer steps done so far.
+
+    A subclass sets `name` (its key under `callbacks:`), `needs_codes` (it applies only to CodeIndexable
+    models) and a `check(**arguments)` classmethod that validates its arguments without a model, so that
+    a bad value fails when the expid loads.
+    """
+    name = None
+    needs_codes = False
+
+    @classmethod
+    def check(cls):
+        """Validate the callback's arguments (no model needed); raises ValueError naming the bad one."""
 
     def on_train_begin(self, trainer):
         pass
@@ -40,9 +51,9 @@ def _non_negative_int(callback, name, value):
     return value
 
 
-def _needs_codes(callback, model):
-    if not isinstance(model, CodeIndexable):
-        raise ValueError(f"callbacks.{callback}: model {type(model).__name__} has no product quantizer; "
+def _check_model(callback, model_cls):
+    if callback.needs_codes and not issubclass(model_cls, CodeIndexable):
+        raise ValueError(f"callbacks.{callback.name}: model {model_cls.__name__} has no product quantizer; "
                          f"this callback applies to code-indexable models (SparCode)")
 
 
@@ -54,17 +65,20 @@ class QuantizerWarmup(Callback):
     Args:
         steps: length of the warm-up in optimizer steps; 0 quantizes from the first step (the paper).
     """
-    name = "quantizer_warmup"
+    name, needs_codes = "quantizer_warmup", True
+
+    @classmethod
+    def check(cls, steps=0):
+        _non_negative_int(cls.name, "steps", steps)
 
     def __init__(self, model, steps=0):
-        _needs_codes(self.name, model)
-        self.model, self.steps = model, _non_negative_int(self.name, "steps", steps)
+        self.check(steps)
+        self.model, self.steps = model, steps
 
     def on_step_begin(self, trainer):
         self.model.feed_unquantized_tokens = trainer.global_step < self.steps
 
-    def on_train_begin(self, trainer):
-        self.on_step_begin(trainer)
+    on_train_begin = on_step_begin      # a resumed run starts in the phase of its saved global step
 
 
 class FreezeCodes(Callback):
@@ -76,12 +90,15 @@ class FreezeCodes(Callback):
     Args:
         after_steps: optimizer steps before the freeze (> 0; usually the quantizer warm-up's length).
     """
-    name = "freeze_codes"
+    name, needs_codes = "freeze_codes", True
 
-    def __init__(self, model, after_steps=None):
-        _needs_codes(self.name, model)
+    @classmethod
+    def check(cls, after_steps):
         if isinstance(after_steps, bool) or not isinstance(after_steps, int) or after_steps < 1:
-            raise ValueError(f"callbacks.{self.name}.after_steps={after_steps!r}; expected an int >= 1")
+            raise ValueError(f"callbacks.{cls.name}.after_steps={after_steps!r}; expected an int >= 1")
+
+    def __init__(self, model, after_steps):
+        self.check(after_steps)
         self.model, self.after_steps = model, after_steps
 
     def on_step_begin(self, trainer):
@@ -90,7 +107,7 @@ class FreezeCodes(Callback):
             logging.info(f"step {trainer.global_step}: user side frozen (embeddings, tokenizer, codebooks); "
                          f"the item side and b now train on the quantized tokens")
 
-    on_train_begin = on_step_begin
+    on_train_begin = on_step_begin      # a resumed run starts in the phase of its saved global step
 
 
 class CodebookStats(Callback):
@@ -99,10 +116,9 @@ class CodebookStats(Callback):
     Adds to the epoch record: per-codebook perplexity, dead codewords, restarts, distinct full codes, mean raw
     commitment, the share of relu(S + b) scores at zero, and b.
     """
-    name = "codebook_stats"
+    name, needs_codes = "codebook_stats", True
 
     def __init__(self, model):
-        _needs_codes(self.name, model)
         self.model = model
         self._reset()
 
@@ -133,42 +149,46 @@ class CodebookStats(Callback):
 CALLBACKS = {cls.name: cls for cls in (QuantizerWarmup, FreezeCodes, CodebookStats)}
 
 
-def build_callbacks(model, spec=None):
-    """Callbacks of an expid: the model class's `default_callbacks` updated by `spec` (name -> kwargs).
-
-    A value of None or false for a name turns a default callback off.
-    """
-    merged = dict(getattr(model, "default_callbacks", {}) or {})
-    merged.update(spec or {})
-    callbacks = []
-    for name, kwargs in merged.items():
-        if name not in CALLBACKS:
-            raise ValueError(f"callbacks: unknown callback {name!r}; known callbacks: {', '.join(sorted(CALLBACKS))}")
-        if kwargs is None or kwargs is False:
-            continue
-        if kwargs is True:
-            kwargs = {}
-        if not isinstance(kwargs, dict):
-            raise ValueError(f"callbacks.{name}={kwargs!r}; expected a mapping of its arguments")
-        try:
-            callbacks.append(CALLBACKS[name](model, **kwargs))
-        except TypeError as exc:
-            raise ValueError(f"callbacks.{name}: {exc}") from None
-    return callbacks
-
-
-def check_callbacks(spec, source=""):
-    """Names and argument names of a `callbacks` spec, checked without a model (at config load)."""
+def _enabled(spec, source=""):
+    """(name, arguments) of the enabled callbacks of a spec; a name set to null turns a default off."""
     if spec is None:
-        return
+        return []
     if not isinstance(spec, dict):
         raise ValueError(f"{source}callbacks={spec!r}; expected a mapping of callback name -> arguments")
-    for name, kwargs in spec.items():
+    enabled = []
+    for name, arguments in spec.items():
         if name not in CALLBACKS:
             raise ValueError(f"{source}callbacks: unknown callback {name!r}; known callbacks: "
                              f"{', '.join(sorted(CALLBACKS))}")
-        if isinstance(kwargs, dict):
-            allowed = set(inspect.signature(CALLBACKS[name].__init__).parameters) - {"self", "model"}
-            unknown = sorted(set(kwargs) - allowed)
-            if unknown:
-                raise ValueError(f"{source}callbacks.{name}: unknown argument(s) {unknown}; expected {sorted(allowed)}")
+        if arguments is None:
+            continue
+        if not isinstance(arguments, dict):
+            raise ValueError(f"{source}callbacks.{name}={arguments!r}; expected a mapping of its arguments")
+        enabled.append((name, arguments))
+    return enabled
+
+
+def check_callbacks(spec, model_cls, source=""):
+    """Everything about a `callbacks` spec that can be checked before data is built: the names, the argument
+    names and values, and that the model class has what each callback needs."""
+    for name, arguments in _enabled(spec, source):
+        callback = CALLBACKS[name]
+        _check_model(callback, model_cls)
+        try:
+            inspect.signature(callback.check).bind(**arguments)
+        except TypeError as exc:
+            expected = [p for p in inspect.signature(callback.check).parameters]
+            raise ValueError(f"{source}callbacks.{name}: {exc}; expected arguments {expected}") from None
+        try:
+            callback.check(**arguments)
+        except ValueError as exc:
+            raise ValueError(f"{source}{exc}") from None
+
+
+def build_callbacks(model, spec=None):
+    """Callbacks of an expid: the model class's `default_callbacks` updated by `spec` (name -> arguments);
+    a name set to null turns a default callback off."""
+    merged = dict(model.default_callbacks)
+    merged.update(spec or {})
+    check_callbacks(merged, type(model))
+    return [CALLBACKS[name](model, **arguments) for name, arguments in _enabled(merged)]

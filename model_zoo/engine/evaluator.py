@@ -55,6 +55,12 @@ class Evaluator:
         """Exact top-k item indices [n_users, k] of every evaluation user (masked items excluded, -1 pads)."""
         was_training = model.training
         model.eval()
+        try:
+            return self._rank(model, eval_users, k)
+        finally:
+            model.train(was_training)
+
+    def _rank(self, model, eval_users, k):
         item_repr = model.all_item_repr()
         block, num_users = self._block_users(model), len(eval_users)
         log_seconds = model.ranking_log_seconds
@@ -73,7 +79,6 @@ class Evaluator:
                     elapsed = last_log - started
                     logging.info(f"rank: {stop}/{num_users} users x {model.item_corpus.num_items} items, "
                                  f"{elapsed:.0f} s elapsed, about {elapsed * (num_users - stop) / stop:.0f} s left")
-        model.train(was_training)
         return np.concatenate(results) if results else np.zeros((0, k), dtype=np.int64)
 
     def metrics(self, topk, eval_users, names=None):

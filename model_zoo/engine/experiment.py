@@ -15,7 +15,7 @@ import torch
 from fuxictr.pytorch.torch_utils import seed_everything
 
 from .. import get_model
-from ..config import check_model_keys, load_experiment
+from ..config import SERVING_DEFAULTS, check_model_keys, load_experiment
 from ..data.loaders import EvalUsers, ItemCorpus, TrainLoader, load_feature_map
 from ..data.pipeline import build_dataset
 from ..retrieval.metrics import format_metrics
@@ -78,7 +78,7 @@ def prepare(config_dir, expid, gpu=-1):
     experiment = load_experiment(config_dir, expid)
     model_cls = get_model(experiment.model)
     check_model_keys(experiment, model_cls)
-    check_callbacks(experiment.training.callbacks, source=f"{experiment.config_file}: expid={expid}: ")
+    check_callbacks(experiment.training.callbacks, model_cls, source=f"{experiment.config_file}: expid={expid}: ")
     params = dict(experiment.params)
     params["gpu"] = gpu
     return params, model_cls
@@ -128,7 +128,9 @@ def run_experiment(config_dir, expid, gpu=-1, command=None, fresh=False, extra_c
                       optimizer=params["optimizer"], monitor=params["monitor"], monitor_mode=params["monitor_mode"],
                       early_stop_patience=params["early_stop_patience"],
                       max_steps_per_epoch=params["max_steps_per_epoch"], state_path=state_path,
-                      fingerprint=config_fingerprint(dict(params, _data=_data_fingerprint(data_dir))),
+                      fingerprint=config_fingerprint(
+                          {k: v for k, v in params.items() if k not in SERVING_DEFAULTS and k != "eval_batch_size"},
+                          data=_data_fingerprint(data_dir)),
                       verbose=bool(params.get("verbose", 1)))
     started = time.time()
     history = trainer.fit(train, validation_data=valid)
@@ -148,7 +150,7 @@ def run_experiment(config_dir, expid, gpu=-1, command=None, fresh=False, extra_c
               "seconds": {k: round(v, 3) for k, v in timings.items()},
               "examples_per_second": (history[-1]["examples_per_second"] if history else None),
               "peak_rss_mb": peak_rss_mb(), "eval_users": {"valid": len(valid), "test": len(test)},
-              "checkpoint": model.checkpoint, "params": {k: v for k, v in params.items()}}
+              "checkpoint": model.checkpoint, "params": dict(params)}
     if params.get("serve", True):
         started = time.time()
         try:

@@ -6,9 +6,11 @@ state that lets a killed run continue. After every completed epoch it writes, at
 `<model_dir>/<expid>.state.pt`: model and optimizer state, epoch, global step, early-stopping state,
 history, and the random states (torch, numpy, python, the loader's shuffling, the negative sampler).
 A rerun with the same config loads it and continues with the next epoch; a finished run is not
-trained again. `fresh=True` (`run_expid.py --fresh`) starts over.
+trained again (a closed-form model is refitted, which takes seconds). `run_expid.py --fresh` deletes the state
+and starts over.
 """
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -32,9 +34,12 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def config_fingerprint(params, ignored=("gpu", "verbose", "_config_file", "_dataset_config_file", "num_threads")):
-    """Hash of the settings a training state depends on; a state saved under another config is not resumed."""
+def config_fingerprint(params, data=None,
+                       ignored=("gpu", "verbose", "_config_file", "_dataset_config_file", "num_threads")):
+    """Hash of the settings a training state depends on (and of the built data); a state saved under another
+    config is not resumed. The caller leaves out keys that do not change training (serving keys)."""
     content = {k: v for k, v in params.items() if k not in ignored}
+    content["_data"] = data
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -99,7 +104,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
                 "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_state(np.random.get_state()),
                         "python": random.getstate(), "loader": _numpy_state(loader.rng.get_state()),
-                        "sampler": sampler.generator.get_state() if sampler is not None else None}}
+                        "sampler": sampler.generator.get_state() if sampler is not None else None,
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
 
     def load_state_dict(self, state, loader):
         self.model.load_state_dict(state["model"])
@@ -114,6 +120,8 @@ class Trainer:
         loader.rng.set_state(_numpy_state(rng["loader"], restore=True))
         if rng["sampler"] is not None and self.model.sampler is not None:
             self.model.sampler.generator.set_state(rng["sampler"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     def resume(self, loader):
         """Load the saved training state if there is one for this config; returns True if it was loaded."""
@@ -149,9 +157,7 @@ class Trainer:
         steps = len(loader) if self.max_steps_per_epoch is None else min(len(loader), self.max_steps_per_epoch)
         total, count, examples = 0.0, 0, 0
         with progress_bar(total=steps, desc=f"epoch {self.epoch + 1}", verbose=self.verbose) as bar:
-            for step, batch in enumerate(loader):
-                if step >= steps:
-                    break
+            for step, batch in enumerate(itertools.islice(loader, steps)):
                 batch = {name: value.to(model.device) for name, value in batch.items()}
                 self._call("on_step_begin")
                 self.optimizer.zero_grad()
@@ -202,7 +208,7 @@ class Trainer:
                 record["valid"] = self.evaluator.evaluate(model, validation_data)
                 value = record["valid"][self.monitor]
             else:
-                value = -loss if self.monitor_mode == "max" else loss
+                value = -loss if self.monitor_mode == "max" else loss     # no validation: the training loss
             self._log_epoch(record)
             self.history.append(record)
             if self._improved(value):
