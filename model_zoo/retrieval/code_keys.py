@@ -32,48 +32,44 @@ def _place_values(num_codebooks, codebook_size, like):
     return np.asarray(values, dtype=np.int64)                                             # [M]
 
 
-def _range(values):
-    return int(values.min()), int(values.max())
+def _as_int64(values, what, min_ndim=0):
+    """`values` (numpy array or torch tensor) as int64 of the same kind; ValueError unless they are integers."""
+    if torch.is_tensor(values):
+        if values.ndim < min_ndim or values.is_floating_point():
+            raise ValueError(f"{what} must be an integer tensor, got dtype {values.dtype} shape {tuple(values.shape)}")
+        return values.long()
+    values = np.asarray(values)
+    if values.ndim < min_ndim or not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"{what} must be an integer array, got dtype {values.dtype} shape {values.shape}")
+    return values.astype(np.int64, copy=False)
+
+
+def _check_range(values, what, bound, described):
+    """ValueError unless every value is in [0, bound) (`described` is how the bound reads in the message)."""
+    if (values.numel() if torch.is_tensor(values) else values.size):
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= bound:
+            raise ValueError(f"{what} must be in [0, {described}), found range [{low}, {high}]")
 
 
 def pack_codes(codes, codebook_size):
     """Codes [..., M] with entries in [0, N) -> int64 keys [...]."""
-    if not torch.is_tensor(codes):
-        codes = np.asarray(codes)
-        if codes.ndim < 1 or not np.issubdtype(codes.dtype, np.integer):
-            raise ValueError(f"codes must be an integer array [..., M], got dtype {codes.dtype} shape {codes.shape}")
-    elif codes.ndim < 1 or codes.is_floating_point():
-        raise ValueError(f"codes must be an integer tensor [..., M], got dtype {codes.dtype} shape "
-                         f"{tuple(codes.shape)}")
+    codes = _as_int64(codes, "codes [..., M]", min_ndim=1)
     num_codebooks = codes.shape[-1]
     key_space(num_codebooks, codebook_size)
-    if codes.numel() if torch.is_tensor(codes) else codes.size:
-        low, high = _range(codes)
-        if low < 0 or high >= codebook_size:
-            raise ValueError(f"codes must be in [0, {codebook_size}), found range [{low}, {high}]")
-    place = _place_values(num_codebooks, codebook_size, codes)
+    _check_range(codes, "codes", codebook_size, codebook_size)
+    place = _place_values(num_codebooks, codebook_size, codes)                          # [M]
     if torch.is_tensor(codes):
-        return (codes.long() * place).sum(dim=-1)                                         # [...]
-    return (codes.astype(np.int64, copy=False) * place).sum(axis=-1, dtype=np.int64)     # [...]
+        return (codes * place).sum(dim=-1)                                               # [...]
+    return (codes * place).sum(axis=-1, dtype=np.int64)                                 # [...]
 
 
 def unpack_keys(keys, codebook_size, num_codebooks):
     """Inverse of pack_codes: int64 keys [...] in [0, N^M) -> codes int64 [..., M]."""
     n_keys = key_space(num_codebooks, codebook_size)
-    if torch.is_tensor(keys):
-        if keys.is_floating_point():
-            raise ValueError(f"keys must be an integer tensor, got dtype {keys.dtype}")
-        keys = keys.long()
-    else:
-        keys = np.asarray(keys)
-        if not np.issubdtype(keys.dtype, np.integer):
-            raise ValueError(f"keys must be an integer array, got dtype {keys.dtype}")
-        keys = keys.astype(np.int64, copy=False)
-    if keys.numel() if torch.is_tensor(keys) else keys.size:
-        low, high = _range(keys)
-        if low < 0 or high >= n_keys:
-            raise ValueError(f"keys must be in [0, N^M = {n_keys}), found range [{low}, {high}]")
-    place = _place_values(num_codebooks, codebook_size, keys)
+    keys = _as_int64(keys, "keys")
+    _check_range(keys, "keys", n_keys, f"N^M = {n_keys}")
+    place = _place_values(num_codebooks, codebook_size, keys)                           # [M]
     if torch.is_tensor(keys):
         return torch.div(keys.unsqueeze(-1), place, rounding_mode="floor") % codebook_size   # [..., M]
     return (keys[..., None] // place) % codebook_size                                    # [..., M]
