@@ -31,7 +31,10 @@ setup(
         "numba",
     ],
     extras_require={
-        "test": ["pytest"],
+        # qdrant-client: the in-process sparse engine of the export tests (pure-Python wheels, no CUDA).
+        "test": ["pytest", "qdrant-client"],
         "plot": ["matplotlib"],
+        "ray": ["ray"],                      # run_param_tuner.py --ray-address (optional; a large install)
+        "export": ["qdrant-client"],         # python -m model_zoo.serving.export --engine qdrant
     },
 )

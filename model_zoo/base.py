@@ -45,6 +45,20 @@ class CodeIndexable:
         raise NotImplementedError
 
 
+class TreeRetrievable:
+    """Capability: a model served by layer-wise beam search over a tree whose leaves are the items (TDM).
+
+    A subclass provides `tree` (a layers/tree.py BalancedTree: `children` per level, `leaf_items`,
+    `item_leaf`, `depth`) and `score_nodes(user_repr, level, nodes [B, C], item_repr=None) -> [B, C]`, the
+    scores of level-`level` nodes (ids within the level; 1 = the root's children, tree.depth = the leaves)
+    for the users of `encode_users`. The score of a leaf is the model's score of its item; `item_repr`
+    (all_item_repr) spares encoding the leaves' items again.
+    """
+
+    def score_nodes(self, user_repr, level, nodes, item_repr=None):
+        raise NotImplementedError
+
+
 class ClosedForm:
     """Capability: a model fitted in closed form on the training split (no gradient steps).
 
@@ -121,7 +135,15 @@ class MatchModel(BaseModel):
         expanded = _map(lambda t: t.unsqueeze(0).expand(batch, *t.shape), item_repr)
         return self.score_pairs(user_repr, expanded)
 
-    def auxiliary_loss(self):
+    def auxiliary_loss(self, columns=None, excluded=None):
+        """Loss added to the sampled softmax of a training step (default 0).
+
+        Args:
+            columns: [n] LongTensor, the item of each negative logit column as a row of the items the step's
+                score_matrix call scored (its unique items).
+            excluded: [B, 1 + n] bool, the masked logits (a negative equal to the row's positive); for
+                in_batch, [B, B] with the positives on the diagonal.
+        """
         return 0.0
 
     # ---- data ---------------------------------------------------------------------
@@ -188,7 +210,7 @@ class MatchModel(BaseModel):
             duplicate = torch.cat([torch.zeros_like(positives, dtype=torch.bool).unsqueeze(1),
                                    negatives.unsqueeze(0) == positives.unsqueeze(1)], 1)          # [B, 1+n]
         logits = logits.masked_fill(duplicate, float("-inf"))
-        return F.cross_entropy(logits, labels) + self.auxiliary_loss()
+        return F.cross_entropy(logits, labels) + self.auxiliary_loss(columns=inverse, excluded=duplicate)
 
     # ---- checkpoints ----------------------------------------------------------------
     def save_weights(self, checkpoint):

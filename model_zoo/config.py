@@ -320,6 +320,8 @@ KEY_TABLE = (
         "official release that `python -m model_zoo.data.download <release>` fetches; null = none"),
     Key("files", DATASET, None, Nullable(Mapping("a mapping role -> file name", Text())),
         "{role: file name} replacing the source's default raw file names"),
+    Key("demo_num_users", DATASET, 5000, Int(at_least=1), "users the `demo` source generates"),
+    Key("demo_num_items", DATASET, 2000, Int(at_least=60), "items the `demo` source generates"),
     Key("rating_col", DATASET, "rating", Text(), "rating column of the interactions"),
     Key("rating_threshold", DATASET, None, Nullable(Real(at_least=0, as_float=False)),
         "keep interactions rated >= this; null = the source's default (movielens: 4); 0 = keep all"),
@@ -394,7 +396,8 @@ KEY_TABLE = (
 
     # serving keys: an expid or Base; read after training
     Key("serve", SERVING, True, Bool(),
-        "after training, serve the model: SparCode's sparse index, the two-tower models' faiss indexes"),
+        "after training, serve the model: SparCode's sparse index, the two-tower models' faiss indexes, "
+        "TDM's beam search"),
     Key("sparsity_bias", SERVING, None, Nullable(Real()),
         "b~ of Eq. 15; null = the trained b (unless target_sparsity is set)"),
     Key("target_sparsity", SERVING, None, Nullable(Fraction()),
@@ -411,6 +414,8 @@ KEY_TABLE = (
     Key("faiss_nprobe", SERVING, 16, Int(at_least=1), "IVFPQ cells visited per query"),
     Key("hnsw_m", SERVING, 32, Int(at_least=1), "HNSW graph degree"),
     Key("hnsw_ef_search", SERVING, 128, Int(at_least=1), "HNSW search beam width"),
+    Key("beam_size", SERVING, None, Nullable(Int(at_least=1)),
+        "TDM: nodes kept per tree level by the beam search; null = the largest metric cutoff k"),
 )
 KEYS = {key.name: key for key in KEY_TABLE}
 INTERNAL_KEYS = ("_config_file", "_dataset_config_file")    # set by the loader: the files a config came from

@@ -25,7 +25,9 @@ in the tuner process, before any worker starts; workers then find it up to date.
 
 `run_plan()` runs the combinations `workers` at a time on CPU (or once per listed GPU);
 a combination whose result JSON exists is skipped (resumable); a failed run is recorded
-with its error and the others go on. Reports: see `model_zoo.results`.
+with its error and the others go on. Reports: see `model_zoo.results`. A launcher starts each
+run: `LocalLauncher` (child processes of the tuner) or `tuner_ray.RayLauncher` (Ray tasks); the
+plan, the resume and the reports are the same for both.
 """
 import difflib
 import hashlib
@@ -425,12 +427,39 @@ def _lock_output(output_dir):
     return handle
 
 
+class LocalLauncher:
+    """Starts every run as a child process of the tuner, in its own session (stopped with its process group;
+    on Linux it gets SIGTERM when the tuner dies)."""
+
+    def __init__(self):
+        self.preexec = _die_with_parent_hook()
+
+    def slots(self, gpus, workers):
+        """The device of each run slot: `workers` per listed GPU, or `workers` CPU slots (-1)."""
+        return [g for g in gpus for _ in range(int(workers))]
+
+    def describe(self, device):
+        return "cpu" if device < 0 else f"gpu {device}"
+
+    def start(self, argv, cwd, log_path, env):
+        """A running run: an object with poll(), returncode (and pid) as subprocess.Popen."""
+        with open(log_path, "w") as out:
+            return subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True, preexec_fn=self.preexec)
+
+    def stop(self, process):
+        _stop(process)
+
+    def close(self):
+        pass
+
+
 class _Interrupted(Exception):
     pass
 
 
 def run_plan(plan, gpus=(-1,), workers=1, tag=None, script=None, log=print, poll_seconds=0.3,
-             heartbeat_seconds=60.0, reproduce=None, contributor=DEFAULT_CONTRIBUTOR, command=None):
+             heartbeat_seconds=60.0, reproduce=None, contributor=DEFAULT_CONTRIBUTOR, command=None, launcher=None):
     """Run the plan's combinations (those whose expid contains `tag`), skipping finished ones.
 
     Args:
@@ -442,6 +471,7 @@ def run_plan(plan, gpus=(-1,), workers=1, tag=None, script=None, log=print, poll
         log: where progress lines go.
         reproduce: fn(expid) -> command reproducing that run (for the leaderboard).
         command: the tuner command line, quoted in the README.
+        launcher: what starts a run (LocalLauncher by default; tuner_ray.RayLauncher for Ray tasks).
     Returns:
         the summary dict (also written to `<output>/summary.json`), with `counts`.
     Raises:
@@ -460,7 +490,8 @@ def run_plan(plan, gpus=(-1,), workers=1, tag=None, script=None, log=print, poll
     if not selected:
         raise ConfigError(f"--tag {tag!r} matches none of the {len(plan.combinations)} expid(s), "
                           f"e.g. {plan.combinations[0].expid}")
-    slots = [g for g in gpus for _ in range(int(workers))]
+    launcher = launcher or LocalLauncher()
+    slots = launcher.slots(gpus, workers)
     lock = _lock_output(plan.output_dir)
     reused = [c for c in selected if load_result(plan, c) is not None]
     queue = [c for c in selected if load_result(plan, c) is None]
@@ -474,7 +505,6 @@ def run_plan(plan, gpus=(-1,), workers=1, tag=None, script=None, log=print, poll
         # CPU threads shared by the workers that will run at once
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, min(len(slots), len(queue)))))
 
-    preexec = _die_with_parent_hook()
     state = {"done": len(reused), "failed": 0}
     durations, running, free = [], {}, list(range(len(slots)))
     started_all = last_report = time.time()
@@ -525,12 +555,10 @@ def run_plan(plan, gpus=(-1,), workers=1, tag=None, script=None, log=print, poll
                 slot, combo = free.pop(0), queue.pop(0)
                 argv = [sys.executable, "-u", script, "--config", plan.stem, "--expid", combo.expid,
                         "--gpu", str(slots[slot])]
-                with open(plan.worker_log_path(combo), "w") as out:
-                    process = subprocess.Popen(argv, cwd=plan.output_dir, stdout=out, stderr=subprocess.STDOUT,
-                                               env=env, start_new_session=True, preexec_fn=preexec)
+                process = launcher.start(argv, plan.output_dir, plan.worker_log_path(combo), env)
                 running[slot] = {"process": process, "combo": combo, "started": time.time(),
                                  "command": " ".join(argv)}
-                log(f"[tuner] started {combo.expid} on {'cpu' if slots[slot] < 0 else 'gpu ' + str(slots[slot])}: "
+                log(f"[tuner] started {combo.expid} on {launcher.describe(slots[slot])}: "
                     f"{json.dumps(combo.tuned)}")
             time.sleep(poll_seconds)
             changed = False
@@ -545,7 +573,7 @@ def run_plan(plan, gpus=(-1,), workers=1, tag=None, script=None, log=print, poll
         interrupted = True
         log(f"[tuner] interrupted: stopping {len(running)} running worker(s); rerun the same command to resume")
         for slot, item in list(running.items()):
-            _stop(item["process"])
+            launcher.stop(item["process"])
             if load_result(plan, item["combo"]) is not None:     # it finished just before the stop
                 finish(slot, item)
             else:
@@ -555,7 +583,7 @@ def run_plan(plan, gpus=(-1,), workers=1, tag=None, script=None, log=print, poll
         running.clear()
     finally:
         for item in running.values():          # an unexpected error: leave no orphan behind
-            _stop(item["process"])
+            launcher.stop(item["process"])
         if in_main:
             signal.signal(signal.SIGTERM, previous)
         lock.close()

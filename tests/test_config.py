@@ -200,7 +200,7 @@ def test_model_parameters_walk_the_model_and_its_matchmodel_bases_only():
     assert "task" not in dssm and "reduce_lr_on_plateau" not in dssm   # FuxiCTR BaseModel's, set by MatchModel
     assert "feature_map" not in dssm and "kwargs" not in dssm
     sasrec = model_parameters(get_model("SASRec"))
-    assert "num_heads" in sasrec and "similarity" not in sasrec
+    assert "num_heads" in sasrec and "gru_hidden_dim" not in sasrec     # GRU4Rec's keyword, not a base's
 
 
 def test_a_model_key_that_is_no_constructor_keyword_is_named(tiny_config):

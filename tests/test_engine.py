@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from model_zoo.engine.callbacks import (CALLBACKS, CodebookStats, FreezeCodes, QuantizerWarmup, build_callbacks,
-                                        check_callbacks)
+from model_zoo.engine.callbacks import (CALLBACKS, CodebookStats, FreezeCodes, QuantizerWarmup, SparsityWarmup,
+                                        build_callbacks, check_callbacks)
 from model_zoo.engine.evaluator import Evaluator
 from model_zoo.engine.trainer import Trainer
 from model_zoo.models.dssm import DSSM
@@ -62,6 +62,19 @@ def test_quantizer_warmup_feeds_unquantized_tokens_then_codes(tiny):
         codewords = torch.cat([codebooks[m][codes[..., m]] for m in range(codebooks.shape[0])], -1)
         seen.append(torch.allclose(quantized, codewords, atol=1e-6))
     assert seen == [False, False, True, True]
+
+
+def test_sparsity_warmup_ramps_the_zeroed_share_geometrically(tiny):
+    torch.manual_seed(0)
+    model = SparCode(tiny["feature_map"], **dict(tiny["params"], num_negatives=10, train_sparsity=0.99,
+                                                   token_norm="l2"))
+    trainer = _trainer(model, [SparsityWarmup(model, steps=10)])
+    shares = []
+    for step in (0, 5, 10, 20):
+        trainer.global_step = step
+        trainer.callbacks[0].on_step_begin(trainer)
+        shares.append(model.current_sparsity)
+    assert shares == pytest.approx([0.0, 0.9, 0.99, 0.99])
 
 
 def test_freeze_codes_trains_only_the_item_side(tiny):
@@ -119,7 +132,9 @@ def test_callback_errors_name_the_callback_and_the_known_ones(tiny):
     dssm = DSSM(tiny["feature_map"], embedding_dim=8, user_hidden_units=[8], item_hidden_units=[8])
     with pytest.raises(ValueError, match="no product quantizer"):
         build_callbacks(dssm, {"quantizer_warmup": {"steps": 3}})
-    assert set(CALLBACKS) == {"quantizer_warmup", "freeze_codes", "codebook_stats"}
+    with pytest.raises(ValueError, match="no train_sparsity to ramp up to"):
+        build_callbacks(model, {"sparsity_warmup": {"steps": 3}})
+    assert set(CALLBACKS) == {"quantizer_warmup", "freeze_codes", "sparsity_warmup", "codebook_stats"}
 
 
 # ---- resume -------------------------------------------------------------------------------

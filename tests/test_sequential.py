@@ -245,6 +245,21 @@ def test_faiss_flat_ip_returns_the_exact_top_k(tiny, name):
     assert same >= 0.9 * len(valid)
 
 
+@pytest.mark.parametrize("name", SEQUENTIAL)
+def test_cosine_similarity_scores_the_cosine_of_the_dot_models_vectors(tiny, name):
+    dot, cosine = _model(tiny, name), _model(tiny, name, similarity="cosine")
+    cosine.load_state_dict(dot.state_dict())                              # same weights, no extra parameter
+    batch = _user_batch(tiny, [[11, 52, 7], [3, 9], []])
+    with torch.no_grad():
+        users, items = dot.encode_users(batch), dot.all_item_repr()       # [3, d], [C, d]
+        expected = torch.nn.functional.cosine_similarity(users.unsqueeze(1), items.unsqueeze(0), dim=-1)
+        scores = cosine.full_scores(batch, cosine.all_item_repr())        # [3, C]
+    assert torch.allclose(scores[:2], expected[:2], atol=1e-5)
+    assert torch.allclose(cosine.all_item_repr().norm(dim=-1), torch.ones(items.shape[0]), atol=1e-5)
+    with pytest.raises(ValueError, match="similarity='euclid'"):
+        _model(tiny, name, similarity="euclid")
+
+
 def test_sequential_models_learn_to_lower_the_loss(tiny):
     for name in SEQUENTIAL:
         model = _model(tiny, name)

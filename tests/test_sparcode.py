@@ -315,3 +315,51 @@ def test_history_features_item_embeds_history_through_item_fields(tiny):
         bare.sequence(batch)
     with pytest.raises(ValueError, match="history_features='tags'"):
         _model(tiny, history_features="tags")
+
+
+def test_train_sparsity_reaches_its_target_and_every_parameter_learns(tiny):
+    """With train_sparsity the share of zeroed training scores is the target (the threshold is the quantile of the
+    negatives' scores), b is a buffer following the thresholds, and every trainable parameter gets a gradient."""
+    model = _model(tiny, train_sparsity=0.9, interaction="innerp_dnn", token_norm="l2")
+    assert "bias" not in dict(model.named_parameters()) and "bias" in dict(model.named_buffers())
+    model.train()
+    batch, positives = _batch(tiny)
+    loss = model.sampled_softmax_loss(batch, positives)
+    loss.backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name
+    # the negatives' call sets b; their zeroed share is the target, the positives' is what the model earns
+    user_repr = model.encode_users(batch)
+    items = model.encode_items(model.items(torch.arange(model.item_corpus.num_items)))
+    with torch.enable_grad():
+        model.score_matrix(user_repr, items)
+    assert model.step_stats["zero_scores"] / model.step_stats["scores"] == pytest.approx(0.9, abs=0.01)
+    _train_steps(model, tiny, steps=5)
+    assert model.sparse_bias == pytest.approx(float(model.bias))
+    # evaluation scores with the EMA of the training thresholds: most (code, item) scores are zero
+    model.eval()
+    with torch.no_grad():
+        keys = torch.unique(model.query_codes(batch))
+        raw = model.score_codes(keys)
+    assert 0.5 < float((raw + model.sparse_bias <= 0).float().mean()) < 1.0
+
+
+def test_train_sparsity_needs_uniform_negatives_and_a_share_in_0_1(tiny):
+    with pytest.raises(ValueError, match="train_sparsity=1.5"):
+        _model(tiny, train_sparsity=1.5)
+    with pytest.raises(ValueError, match="negative_sampler='uniform'.*'in_batch'"):
+        _model(tiny, train_sparsity=0.9, token_norm="l2", negative_sampler="in_batch")
+    with pytest.raises(ValueError, match="train_sparsity needs token_norm='l2', got 'none'"):
+        _model(tiny, train_sparsity=0.9)
+    with pytest.raises(ValueError, match="token_norm='unit'"):
+        _model(tiny, token_norm="unit")
+
+
+def test_token_norm_gives_unit_tokens(tiny):
+    model = _model(tiny, token_norm="l2")
+    batch, _ = _batch(tiny)
+    tokens = model.user_tokens(batch)
+    items = model.encode_items(model.items(torch.arange(5)))
+    assert torch.allclose(tokens.norm(dim=-1), torch.ones(tokens.shape[:-1]), atol=1e-5)
+    assert torch.allclose(items.norm(dim=-1), torch.ones(items.shape[:-1]), atol=1e-5)

@@ -68,6 +68,13 @@ class ItemCorpus:
 class TrainLoader:
     """Shuffled mini-batches of `train.h5`, read block by block.
 
+    Sharded (``num_shards`` > 1, one shard per training process): every shard draws the same shuffled
+    order as one process and keeps batch i of that order when i mod num_shards == shard, so the shards'
+    batches at a step are together the one-process batches of that step. Only full batches are used, and
+    the same number in every shard (the last num_rows mod (batch_size * num_shards) rows of an epoch's order
+    are left out); every shard reads every block and draws the random histories of every batch, so the
+    random state stays the same in all shards and equal to one process's after a whole epoch.
+
     Args:
         path: the training file.
         feature_map: the dataset's feature map (user-side columns are returned).
@@ -77,10 +84,12 @@ class TrainLoader:
         shuffle: shuffle blocks and rows.
         seed: seed of the shuffling; each epoch draws a new order from it.
         num_items: size of the item corpus, to check `item_index` ranges.
+        num_shards: training processes sharing the epoch (1 = this process reads every batch).
+        shard: which of them this loader serves, in [0, num_shards).
     """
 
     def __init__(self, path, feature_map, batch_size=256, block_size=1_000_000, shuffle=True, seed=2023,
-                 num_items=None):
+                 num_items=None, num_shards=1, shard=0):
         self.path = path
         self.user_columns = feature_columns(feature_map, "user")
         present = h5_columns(path)
@@ -106,12 +115,22 @@ class TrainLoader:
         missing = [c for c in self.columns if c not in present]
         if missing:
             raise DataError(f"{path}: missing column(s) {missing}")
+        if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+            raise ValueError(f"TrainLoader: num_shards={num_shards!r}; expected an int >= 1")
+        if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < num_shards:
+            raise ValueError(f"TrainLoader: shard={shard!r}; expected an int in [0, {num_shards})")
+        self.num_shards, self.shard = num_shards, shard
+        if num_shards > 1 and len(self) == 0:
+            raise DataError(f"{path}: {self.num_rows} training rows make {self.num_rows // batch_size} full "
+                            f"batch(es) of {batch_size}, fewer than the {num_shards} training processes")
 
     @property
     def output_columns(self):
         return self.user_columns + ["item_index"]
 
     def __len__(self):
+        if self.num_shards > 1:
+            return self.num_rows // self.batch_size // self.num_shards
         return (self.num_rows + self.batch_size - 1) // self.batch_size
 
     def _read_block(self, start, stop):
@@ -154,6 +173,26 @@ class TrainLoader:
         return np.pad(hist, ((0, 0), (max_len - hist.shape[1], 0)))                              # [B, L]
 
     def __iter__(self):
+        if self.num_shards == 1:
+            for columns in self._row_batches():
+                yield self._batch(columns)
+            return
+        shards, used = self.num_shards, len(self) * self.num_shards       # batches of the order that are used
+        mine = None
+        for index, columns in enumerate(self._row_batches()):
+            if index < used and index % shards == self.shard:
+                mine = self._batch(columns)
+            else:
+                self._skip(columns)
+            # A step's batch is handed out once the step's batches of every shard are drawn (all shards stop
+            # at the same random state); the last one once the rest of the epoch is drawn.
+            if index % shards == shards - 1 and index < used - 1:
+                yield mine
+        if used:
+            yield mine
+
+    def _row_batches(self):
+        """The batches of one epoch in the one-process order, as column dicts (histories not yet drawn)."""
         starts = np.arange(0, self.num_rows, self.block_size)
         if self.shuffle:
             starts = self.rng.permutation(starts)
@@ -167,16 +206,21 @@ class TrainLoader:
                 block = {k: np.concatenate([carry[k], block[k]]) for k in block}
             n_full = len(block["item_index"]) // self.batch_size * self.batch_size
             for lo in range(0, n_full, self.batch_size):
-                yield self._batch({k: v[lo:lo + self.batch_size] for k, v in block.items()})
+                yield {k: v[lo:lo + self.batch_size] for k, v in block.items()}
             carry = {k: v[n_full:] for k, v in block.items()} if n_full < len(block["item_index"]) else None
         if carry is not None:
-            yield self._batch(carry)
+            yield carry
 
     def _batch(self, columns):
         if self.timelines is not None:
             columns[HISTORY_FEATURE] = self.sample_histories(columns["timeline_row"], columns["item_index"],
                                                              columns[HISTORY_FEATURE].shape[1])
         return to_tensors(columns, self.output_columns)
+
+    def _skip(self, columns):
+        """Another shard's batch: only its random histories are drawn (and dropped), as one process would."""
+        if self.timelines is not None:
+            self.sample_histories(columns["timeline_row"], columns["item_index"], columns[HISTORY_FEATURE].shape[1])
 
     def item_counts(self, num_items):
         """Training frequency of every item (for popularity sampling and the Popularity model)."""

@@ -24,6 +24,7 @@ BUILD_KEYS = ("source", "feature_cols", "user_id_col", "item_id_col", "time_col"
               "history_ratio", "max_len", "min_history", "split_seed", "min_user_interactions",
               "rating_col", "rating_threshold", "files", "valid_fraction", "train_user_table",
               "train_history")
+DEMO_BUILD_KEYS = ("demo_num_users", "demo_num_items")   # build keys of the `demo` source only
 BUILD_VERSION = 3
 BUILD_INFO = "build_info.json"
 SPLITS = ("train", "valid", "test")
@@ -51,7 +52,8 @@ def _raw_file_record(path):
 
 
 def _build_params(params):
-    return json.loads(json.dumps({k: params.get(k) for k in BUILD_KEYS}, default=list))
+    keys = BUILD_KEYS + (DEMO_BUILD_KEYS if params.get("source") == "demo" else ())
+    return json.loads(json.dumps({k: params.get(k) for k in keys}, default=list))
 
 
 def _required_built_files(build_params):

@@ -44,9 +44,9 @@ def csv_source(params):
 
 
 def demo_source(params):
-    """The bundled synthetic dataset, generated into raw_dir on first use."""
+    """The bundled synthetic dataset, generated into raw_dir on first use (demo_num_users x demo_num_items)."""
     from .demo import ensure_demo
-    ensure_demo(params["raw_dir"])
+    ensure_demo(params["raw_dir"], num_users=params["demo_num_users"], num_items=params["demo_num_items"])
     return csv_source(params)
 
 

@@ -51,6 +51,12 @@ def _non_negative_int(callback, name, value):
     return value
 
 
+def _positive_int(callback, name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"callbacks.{callback}.{name}={value!r}; expected an int >= 1")
+    return value
+
+
 def _check_model(callback, model_cls):
     if callback.needs_codes and not issubclass(model_cls, CodeIndexable):
         raise ValueError(f"callbacks.{callback.name}: model {model_cls.__name__} has no product quantizer; "
@@ -94,8 +100,7 @@ class FreezeCodes(Callback):
 
     @classmethod
     def check(cls, after_steps):
-        if isinstance(after_steps, bool) or not isinstance(after_steps, int) or after_steps < 1:
-            raise ValueError(f"callbacks.{cls.name}.after_steps={after_steps!r}; expected an int >= 1")
+        _positive_int(cls.name, "after_steps", after_steps)
 
     def __init__(self, model, after_steps):
         self.check(after_steps)
@@ -108,6 +113,36 @@ class FreezeCodes(Callback):
                          f"the item side and b now train on the quantized tokens")
 
     on_train_begin = on_step_begin      # a resumed run starts in the phase of its saved global step
+
+
+class SparsityWarmup(Callback):
+    """Ramps the share of zeroed training scores from 0 to the model's `train_sparsity` over `steps` steps.
+
+    The share of positive scores falls geometrically, (1 - train_sparsity) ** (step / steps), so the threshold
+    rises slowly through the dense phase where the positives are learned, and reaches the target at `steps`.
+    Without this callback a model with train_sparsity applies it from the first step.
+
+    Args:
+        steps: length of the ramp in optimizer steps (> 0).
+    """
+    name, needs_codes = "sparsity_warmup", True
+
+    @classmethod
+    def check(cls, steps):
+        _positive_int(cls.name, "steps", steps)
+
+    def __init__(self, model, steps):
+        self.check(steps)
+        if getattr(model, "train_sparsity", None) is None:
+            raise ValueError(f"callbacks.{self.name}: the model has no train_sparsity to ramp up to; set "
+                             f"train_sparsity in the expid")
+        self.model, self.steps = model, steps
+
+    def on_step_begin(self, trainer):
+        progress = min(1.0, trainer.global_step / self.steps)
+        self.model.current_sparsity = 1.0 - (1.0 - self.model.train_sparsity) ** progress
+
+    on_train_begin = on_step_begin
 
 
 class CodebookStats(Callback):
@@ -146,7 +181,7 @@ class CodebookStats(Callback):
         self._reset()
 
 
-CALLBACKS = {cls.name: cls for cls in (QuantizerWarmup, FreezeCodes, CodebookStats)}
+CALLBACKS = {cls.name: cls for cls in (QuantizerWarmup, FreezeCodes, SparsityWarmup, CodebookStats)}
 
 
 def _enabled(spec, source=""):

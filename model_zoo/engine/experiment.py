@@ -1,7 +1,9 @@
 """One experiment end to end: build data, train, evaluate, serve, write results.
 
 `run_expid.py` is a thin command line over `run_experiment`. Rerunning an expid whose run was killed
-continues from its last completed epoch (engine/trainer.py); `fresh=True` starts over.
+continues from its last completed epoch (engine/trainer.py); `fresh=True` starts over. Under torchrun
+(`torchrun --nproc_per_node N run_expid.py --expid X`) every process trains its share of the batches and
+rank 0 alone builds the data, evaluates, serves and writes the results (engine/distributed.py).
 """
 import hashlib
 import json
@@ -19,7 +21,7 @@ from ..config import SERVING_DEFAULTS, check_model_keys, load_experiment
 from ..data.loaders import EvalUsers, ItemCorpus, TrainLoader, load_feature_map
 from ..data.pipeline import build_dataset
 from ..retrieval.metrics import format_metrics
-from . import serving
+from . import distributed, serving
 from .callbacks import build_callbacks, check_callbacks
 from .evaluator import Evaluator
 from .trainer import Trainer, config_fingerprint, peak_rss_mb
@@ -48,13 +50,14 @@ def append_result_line(csv_path, command, expid, dataset_id, valid, test):
         fd.write(line)
 
 
-def open_data(params):
-    """Build (or reuse) the dataset; returns (data_dir, feature_map, corpus, train, valid, test)."""
+def open_data(params, num_shards=1, shard=0):
+    """Build (or reuse) the dataset; returns (data_dir, feature_map, corpus, train, valid, test). The training
+    loader serves shard `shard` of `num_shards` (one per training process)."""
     data_dir = build_dataset(params)
     feature_map = load_feature_map(data_dir, params["dataset_id"])
     corpus = ItemCorpus(os.path.join(data_dir, "item_corpus.h5"), feature_map)
     train = TrainLoader(os.path.join(data_dir, "train.h5"), feature_map, params["batch_size"],
-                        seed=params["seed"], num_items=corpus.num_items)
+                        seed=params["seed"], num_items=corpus.num_items, num_shards=num_shards, shard=shard)
     valid = EvalUsers(os.path.join(data_dir, "valid.h5"), feature_map, corpus.num_items,
                       params["eval_max_users"], params["seed"])
     test = EvalUsers(os.path.join(data_dir, "test.h5"), feature_map, corpus.num_items,
@@ -95,27 +98,41 @@ def _data_fingerprint(data_dir):
 def run_experiment(config_dir, expid, gpu=-1, command=None, fresh=False, extra_callbacks=()):
     """Run one expid; returns the result dict also written as JSON next to the checkpoint.
 
+    Under torchrun (WORLD_SIZE > 1) the processes join one process group; ranks other than 0 return None
+    after training.
+
     Args:
         config_dir: config folder (dataset_config.yaml, model_config/).
         expid: experiment id.
-        gpu: GPU index, -1 for CPU.
+        gpu: GPU index, -1 for CPU (under torchrun on GPUs, each rank uses GPU LOCAL_RANK).
         command: command line recorded in the result CSV line.
         fresh: ignore a saved training state and train from the first epoch.
         extra_callbacks: Callback objects added to the expid's (programmatic use, e.g. tests).
     """
+    with distributed.process_group(gpu) as device:
+        return _run_experiment(config_dir, expid, device, command, fresh, extra_callbacks)
+
+
+def _run_experiment(config_dir, expid, gpu, command, fresh, extra_callbacks):
     params, model_cls = prepare(config_dir, expid, gpu)
     model_dir = os.path.join(params["model_root"], params["dataset_id"])
     state_path = os.path.join(model_dir, expid + ".state.pt")
-    if fresh and os.path.exists(state_path):
+    leader = distributed.is_leader()
+    if fresh and leader and os.path.exists(state_path):
         os.remove(state_path)
-    set_logger(os.path.join(model_dir, expid + ".log"), append=os.path.exists(state_path))
+    if leader:
+        set_logger(os.path.join(model_dir, expid + ".log"), append=os.path.exists(state_path))
+    else:
+        distributed.quiet_logging()
     logging.info(f"Params: {json.dumps({k: v for k, v in params.items() if k != 'feature_cols'}, default=str)}")
     seed_everything(params["seed"])
     if params.get("num_threads"):
         torch.set_num_threads(int(params["num_threads"]))
     timings = {}
     started = time.time()
-    data_dir, feature_map, corpus, train, valid, test = open_data(params)
+    with distributed.leader_first():
+        data_dir, feature_map, corpus, train, valid, test = open_data(params, distributed.world_size(),
+                                                                       distributed.rank())
     timings["build_data"] = time.time() - started
 
     model = model_cls(feature_map, **params)
@@ -124,17 +141,20 @@ def run_experiment(config_dir, expid, gpu=-1, command=None, fresh=False, extra_c
                  f"trainable parameters")
     evaluator = Evaluator.from_params(params)
     callbacks = build_callbacks(model, params.get("callbacks")) + list(extra_callbacks)
+    fingerprinted = {k: v for k, v in params.items() if k not in SERVING_DEFAULTS and k != "eval_batch_size"}
+    if distributed.world_size() > 1:      # batches per step and their order depend on the number of processes
+        fingerprinted["_world_size"] = distributed.world_size()
     trainer = Trainer(model, evaluator, callbacks, epochs=params["epochs"], learning_rate=params["learning_rate"],
                       optimizer=params["optimizer"], monitor=params["monitor"], monitor_mode=params["monitor_mode"],
                       early_stop_patience=params["early_stop_patience"],
                       max_steps_per_epoch=params["max_steps_per_epoch"], state_path=state_path,
-                      fingerprint=config_fingerprint(
-                          {k: v for k, v in params.items() if k not in SERVING_DEFAULTS and k != "eval_batch_size"},
-                          data=_data_fingerprint(data_dir)),
-                      verbose=bool(params.get("verbose", 1)))
+                      fingerprint=config_fingerprint(fingerprinted, data=_data_fingerprint(data_dir)),
+                      verbose=bool(params.get("verbose", 1)) and leader)
     started = time.time()
     history = trainer.fit(train, validation_data=valid)
     timings["train"] = time.time() - started
+    if not leader:
+        return None
 
     started = time.time()
     logging.info("****** Validation evaluation ******")
@@ -149,6 +169,7 @@ def run_experiment(config_dir, expid, gpu=-1, command=None, fresh=False, extra_c
               "valid": valid_result, "test": test_result, "history": history,
               "seconds": {k: round(v, 3) for k, v in timings.items()},
               "examples_per_second": (history[-1]["examples_per_second"] if history else None),
+              "training_processes": distributed.world_size(),
               "peak_rss_mb": peak_rss_mb(), "eval_users": {"valid": len(valid), "test": len(test)},
               "checkpoint": model.checkpoint, "params": dict(params)}
     if params.get("serve", True):

@@ -14,6 +14,8 @@ The engine asks a model what it can serve (the capability classes of model_zoo/b
   refuses a file built for another checkpoint or model shape.
 - ``VectorServable`` (DSSM, GRU4Rec, SASRec): faiss IndexFlatIP, IndexIVFPQ (``faiss_nlist``, ``faiss_m``,
   ``faiss_nprobe``) and IndexHNSWFlat (``hnsw_m``, ``hnsw_ef_search``) over every item vector.
+- ``TreeRetrievable`` (TDM): layer-wise beam search over the model's item tree (model_zoo/retrieval/beam_search.py)
+  keeping ``beam_size`` nodes per level (null: the largest metric cutoff), history items masked at the leaves.
 
 Each report holds the metrics through the index and by exact scoring, and the recall of the exact top-k
 (model_zoo/retrieval/metrics.py ``tie_aware_hits``). The serving keys are validated once, when the
@@ -30,8 +32,10 @@ import h5py
 import numpy as np
 import torch
 
-from ..base import CodeIndexable, VectorServable
+from ..base import CodeIndexable, TreeRetrievable, VectorServable
 from ..data.loaders import feature_columns
+from ..layers.tree import tree_file
+from ..retrieval.beam_search import beam_search
 from ..retrieval.code_keys import choose_key_set
 from ..retrieval.exact import masked_topk
 from ..retrieval.faiss_index import INDEX_TYPES, FaissRetriever, FaissThreads
@@ -58,9 +62,12 @@ def serving_report(model, test_users, data_dir, params):
             num_threads, verbose), validated at load.
 
     Returns:
-        JSON-ready dict (``"kind"``: "sparcode" | "two_tower"), or None when the model declares no
+        JSON-ready dict (``"kind"``: "sparcode" | "two_tower" | "tree"), or None when the model declares no
         serving capability.
     """
+    if isinstance(model, TreeRetrievable):
+        logging.info("******** Serving: tree beam search ********")
+        return tree_report(model, test_users, params)
     if isinstance(model, CodeIndexable):
         logging.info("******** Serving: sparse code index ********")
         return code_index_report(model, test_users, data_dir, params)
@@ -93,6 +100,14 @@ def report_lines(report):
                          f"Bytes: {entry['index_bytes']} - Build seconds: {entry['build_seconds']:.3f} - "
                          + " - ".join(f"{key}: {value}" for key, value in entry["params"].items()))
             lines.append(f"[Metrics] ({name}) {format_metrics(entry['metrics'])}")
+    elif report.get("kind") == "tree":
+        tree = report["tree"]
+        lines.append(f"[Tree] Depth: {tree['depth']} - Branching: {tree['branching']} - Leaves: {tree['leaves']} - "
+                     f"Beam size: {tree['beam_size']} - Nodes scored per user: {tree['nodes_scored_per_user']:.1f} "
+                     f"({tree['nodes_scored_per_user'] / tree['leaves']:.3f} of the leaves)")
+        lines.append(f"[Metrics] (beam) {format_metrics(report['metrics_beam'])}")
+        lines.append(f"[Metrics] (exact) {format_metrics(report['metrics_exact'])}")
+        lines.append(f"[Tree] Recall vs exact(k={k}): {report['recall_vs_exact']:.6f}")
     return lines
 
 
@@ -485,3 +500,79 @@ def vector_index_report(model, test_users, params):
             "params": options,
         }
     return report
+
+
+# ----------------------------------------------------------------------------- tree models: beam search
+
+def mask_block(eval_users, start, stop):
+    """The masked items of users start..stop-1 as a CSR of their own: (indptr [stop - start + 1], items)."""
+    indptr = np.asarray(eval_users.mask_indptr[start:stop + 1], dtype=np.int64)
+    return indptr - indptr[0], np.asarray(eval_users.mask_items[indptr[0]:indptr[-1]], dtype=np.int64)
+
+
+@torch.no_grad()
+def tree_search(model, user_inputs, k, beam_size, mask=None, stats=None, item_repr=None):
+    """Beam search of a TreeRetrievable model for a batch of users.
+
+    Args:
+        model: the model (eval mode), user_inputs: its user-side inputs [B, ...] on its device.
+        k, beam_size: leaves returned and nodes kept per level.
+        mask: None or (indptr [B + 1], item ids) of items not to return (mask_block).
+        stats: optional dict; gets "nodes_scored" int64 [B] (retrieval/beam_search.py).
+        item_repr: all_item_repr() of the model, to read the leaves' vectors from (None: encoded when scored).
+
+    Returns:
+        (scores float32 [B, k], item ids int64 [B, k]) numpy, best first, -inf / -1 in unfilled slots.
+    """
+    user_repr = model.encode_users(user_inputs)                                         # [B, d]
+    tree = model.tree
+    leaf_mask = None if mask is None else (mask[0], tree.item_leaf[mask[1]])
+    scores, leaves = beam_search(lambda level, nodes: model.score_nodes(user_repr, level, nodes, item_repr),
+                                 tree.children, next(iter(user_inputs.values())).shape[0], k, beam_size, leaf_mask,
+                                 stats)
+    leaves = leaves.numpy()
+    return scores.numpy(), np.where(leaves >= 0, tree.leaf_items[np.maximum(leaves, 0)], -1)
+
+
+@torch.no_grad()
+def tree_report(model, test_users, params):
+    """Beam search of a TreeRetrievable model against scoring every leaf: metrics of both, recall of the exact
+    top-k, nodes scored per user (see serving_report for the arguments).
+
+    Returns:
+        JSON-ready dict: "kind", "tree" (depth, branching, leaves, beam_size, nodes scored per user, the tree
+        file), "metrics_beam", "metrics_exact", "recall_vs_exact" / "recall_vs_exact_k".
+    """
+    evaluator = Evaluator.from_params(params)
+    k_max = evaluator.max_k
+    beam_size = params["beam_size"] or k_max
+    n_users = len(test_users)
+    was_training = model.training
+    model.eval()
+    item_repr = model.all_item_repr()
+    beam_ids = np.empty((n_users, k_max), dtype=np.int64)
+    exact_ids = np.empty((n_users, k_max), dtype=np.int64)
+    hits, sizes, nodes = (np.empty(n_users, dtype=np.int64) for _ in range(3))
+    for start, stop in progress_bar(_batches(n_users, params["eval_batch_size"]), desc="beam search",
+                                    verbose=_show_progress(params)):
+        inputs = _inputs(model, test_users, start, stop)
+        stats = {}
+        _, ids = tree_search(model, inputs, k_max, beam_size, mask_block(test_users, start, stop), stats, item_repr)
+        scores = model.full_scores(inputs, item_repr)                                   # [B, n_items]
+        top_scores, top_ids = masked_topk(scores, k_max, test_users.mask_indptr, test_users.mask_items,
+                                          row_offset=start)
+        beam_ids[start:stop], exact_ids[start:stop] = ids, top_ids.cpu().numpy()
+        nodes[start:stop] = stats["nodes_scored"]
+        hits[start:stop], sizes[start:stop] = tie_aware_hits(ids, scores_at(scores, ids),
+                                                             top_scores.double().cpu().numpy())
+    model.train(was_training)
+    tree = model.tree
+    path = tree_file(model.checkpoint)
+    return {"kind": "tree",
+            "tree": {"depth": tree.depth, "branching": tree.branching, "leaves": tree.num_items,
+                     "beam_size": beam_size, "nodes_scored_per_user": float(nodes.mean()) if n_users else 0.0,
+                     "nodes_scored_max": int(nodes.max()) if n_users else 0,
+                     "path": path if os.path.isfile(path) else None},
+            "metrics_beam": _metrics(evaluator, beam_ids, test_users),
+            "metrics_exact": _metrics(evaluator, exact_ids, test_users),
+            "recall_vs_exact": recall_vs_exact(hits, sizes), "recall_vs_exact_k": k_max}

@@ -8,6 +8,10 @@ history, and the random states (torch, numpy, python, the loader's shuffling, th
 A rerun with the same config loads it and continues with the next epoch; a finished run is not
 trained again (a closed-form model is refitted, which takes seconds). `run_expid.py --fresh` deletes the state
 and starts over.
+
+Under torch.distributed (engine/distributed.py) every rank steps through its share of the batches with
+DistributedDataParallel; rank 0 alone validates, writes the checkpoint and the state, and broadcasts the
+validation metric and a resumed state, so that every rank takes the same decisions.
 """
 import hashlib
 import itertools
@@ -24,6 +28,7 @@ from fuxictr.pytorch.torch_utils import get_optimizer
 
 from ..base import ClosedForm
 from ..retrieval.metrics import format_metrics
+from . import distributed
 from .progress import progress_bar
 
 STATE_VERSION = 1
@@ -94,6 +99,7 @@ class Trainer:
         self.optimizer = get_optimizer(optimizer, parameters, learning_rate) if parameters else None
         self.epoch, self.global_step, self.best, self.patience = 0, 0, None, 0
         self.history, self.finished = [], False
+        self._loss = None         # model.loss, or its DistributedDataParallel wrapper (built at the first epoch)
 
     # ---- state ----------------------------------------------------------------------
     def state_dict(self, loader):
@@ -123,18 +129,26 @@ class Trainer:
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
 
-    def resume(self, loader):
-        """Load the saved training state if there is one for this config; returns True if it was loaded."""
+    def _read_state(self):
+        """The saved training state if there is one for this config, else None."""
         if not self.state_path or not os.path.exists(self.state_path):
-            return False
+            return None
         try:
             state = torch.load(self.state_path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises several types for a corrupt file
             logging.warning(f"{self.state_path}: unreadable training state ({exc}); training from the start")
-            return False
+            return None
         if state.get("version") != STATE_VERSION or state.get("fingerprint") != self.fingerprint:
             logging.warning(f"{self.state_path}: saved under another config; training from the start "
                             f"(--fresh removes it)")
+            return None
+        return state
+
+    def resume(self, loader):
+        """Load the saved training state if there is one for this config (read by rank 0 and broadcast);
+        returns True if it was loaded."""
+        state = distributed.broadcast_object(self._read_state() if distributed.is_leader() else None)
+        if state is None:
             return False
         self.load_state_dict(state, loader)
         logging.info(f"Resumed from {self.state_path}: {self.epoch} epoch(s) done, step {self.global_step}"
@@ -142,7 +156,7 @@ class Trainer:
         return True
 
     def _save_state(self, loader):
-        if self.state_path:
+        if self.state_path and distributed.is_leader():
             save_atomic(self.state_dict(loader), self.state_path)
 
     # ---- loop -----------------------------------------------------------------------
@@ -151,9 +165,12 @@ class Trainer:
             getattr(callback, hook)(self, *args)
 
     def train_epoch(self, loader):
-        """One pass over the loader (or max_steps_per_epoch steps); returns (mean loss, examples)."""
+        """One pass over the loader (or max_steps_per_epoch steps); returns (mean loss, examples), both over
+        every rank."""
         model = self.model
         model.train()
+        if self._loss is None:
+            self._loss = distributed.loss_function(model)
         steps = len(loader) if self.max_steps_per_epoch is None else min(len(loader), self.max_steps_per_epoch)
         total, count, examples = 0.0, 0, 0
         with progress_bar(total=steps, desc=f"epoch {self.epoch + 1}", verbose=self.verbose) as bar:
@@ -161,7 +178,7 @@ class Trainer:
                 batch = {name: value.to(model.device) for name, value in batch.items()}
                 self._call("on_step_begin")
                 self.optimizer.zero_grad()
-                loss = model.loss(batch)
+                loss = self._loss(batch)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{model.model_id}: loss is {loss.item()} at epoch {self.epoch + 1}, "
                                              f"step {step}")
@@ -175,7 +192,7 @@ class Trainer:
                 bar.update(1)
                 if count % 20 == 0:
                     bar.set_postfix(loss=f"{total / count:.4f}")
-        return total / max(count, 1), examples
+        return distributed.all_mean(total / max(count, 1)), examples * distributed.world_size()
 
     def _improved(self, value):
         if self.best is None:
@@ -184,14 +201,16 @@ class Trainer:
         return sign * value > sign * self.best + 1e-6
 
     def fit(self, loader, validation_data=None, resume=True):
-        """Train until `epochs` or early stopping; the best weights are in `model.checkpoint` and loaded."""
+        """Train until `epochs` or early stopping; the best weights are in `model.checkpoint` and loaded (on
+        rank 0 under torch.distributed)."""
         model = self.model
         if not model.trainable or self.optimizer is None:
             if isinstance(model, ClosedForm):
                 started = time.time()
                 model.fit_closed_form(loader)
                 logging.info(f"Fitted {type(model).__name__} in closed form in {time.time() - started:.1f} s")
-            model.save_weights(model.checkpoint)
+            if distributed.is_leader():
+                model.save_weights(model.checkpoint)
             return self.history
         if resume:
             self.resume(loader)
@@ -205,7 +224,8 @@ class Trainer:
                       "train_seconds": seconds, "peak_rss_mb": peak_rss_mb()}
             self._call("on_epoch_end", record)
             if validation_data is not None:
-                record["valid"] = self.evaluator.evaluate(model, validation_data)
+                record["valid"] = distributed.broadcast_object(
+                    self.evaluator.evaluate(model, validation_data) if distributed.is_leader() else None)
                 value = record["valid"][self.monitor]
             else:
                 value = -loss if self.monitor_mode == "max" else loss     # no validation: the training loss
@@ -213,8 +233,9 @@ class Trainer:
             self.history.append(record)
             if self._improved(value):
                 self.best, self.patience = value, 0
-                model.save_weights(model.checkpoint)
-                logging.info(f"Save best model: {self.monitor} = {value:.6f} -> {model.checkpoint}")
+                if distributed.is_leader():
+                    model.save_weights(model.checkpoint)
+                    logging.info(f"Save best model: {self.monitor} = {value:.6f} -> {model.checkpoint}")
             else:
                 self.patience += 1
                 if self.patience >= self.early_stop_patience:
@@ -222,7 +243,8 @@ class Trainer:
                     self.finished = True
             self.finished = self.finished or self.epoch >= self.epochs
             self._save_state(loader)
-        model.load_weights(model.checkpoint)
+        if distributed.is_leader():           # the other ranks keep the last weights
+            model.load_weights(model.checkpoint)
         return self.history
 
     def _log_epoch(self, record):

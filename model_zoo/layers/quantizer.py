@@ -56,6 +56,36 @@ DEAD_CODE_THRESHOLD = 1e-2   # restart a codeword whose EMA cluster size falls b
 KMEANS_ITERS = 10            # k-means iterations of the initialisation on the first training batch
 
 
+class BatchStatistics:
+    """How the codebook updates see the training batch; in one process, the batch itself.
+
+    Under torch.distributed, engine/distributed.py installs a subclass with ``set_batch_statistics`` (a layer
+    never imports the engine): ``all_sum`` sums a tensor over the processes, ``all_rows`` concatenates the
+    rows of every process in rank order and ``from_leader`` returns rank 0's tensor on every rank, so that
+    the EMA step, the k-means initialisation and the dead-code restarts are those of the union of the
+    processes' batches and every process holds the same codebooks.
+    """
+    is_leader = True
+
+    def all_sum(self, tensor):
+        return tensor
+
+    def all_rows(self, tensor):
+        return tensor
+
+    def from_leader(self, tensor):
+        return tensor
+
+
+_batch_statistics = BatchStatistics()
+
+
+def set_batch_statistics(statistics=None):
+    """Install a BatchStatistics for every ProductQuantizer of this process (None: back to one process)."""
+    global _batch_statistics
+    _batch_statistics = statistics if statistics is not None else BatchStatistics()
+
+
 class ProductQuantizer(nn.Module):
     """M codebooks of N codewords of size D_T / M, nearest-codeword quantization, EMA updates.
 
@@ -222,10 +252,10 @@ class ProductQuantizer(nn.Module):
     def _ema_update(self, sub_vectors, codes):
         """One EMA step (module docstring) + dead-codeword restarts. [P, M, d], [P, M]."""
         num_codes, size = self.num_codebooks, self.codebook_size
-        counts = self._assignment_counts(codes)                                        # [M, N]
+        counts = _batch_statistics.all_sum(self._assignment_counts(codes))             # [M, N]
         sums = torch.zeros(num_codes * size, self.sub_dim, device=codes.device)
         sums.index_add_(0, self._flat_index(codes), sub_vectors.reshape(-1, self.sub_dim))
-        sums = sums.view(num_codes, size, self.sub_dim)                                # [M, N, d]
+        sums = _batch_statistics.all_sum(sums.view(num_codes, size, self.sub_dim))     # [M, N, d]
 
         self.usage_counts += counts
         self.ema_cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
@@ -237,13 +267,20 @@ class ProductQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self, sub_vectors):
-        """Move dead codewords onto random sub-vectors of the current batch. [P, M, d]."""
+        """Move dead codewords onto random sub-vectors of the current batch. [P, M, d].
+
+        The EMA cluster sizes are the same in every process, so all of them gather the rows together;
+        rank 0 draws the new codewords and every process takes its draw."""
+        if not bool((self.ema_cluster_size < DEAD_CODE_THRESHOLD).any()):
+            return
+        sub_vectors = _batch_statistics.all_rows(sub_vectors)                         # [P_all, M, d]
         for m in range(self.num_codebooks):
             dead = torch.nonzero(self.ema_cluster_size[m] < DEAD_CODE_THRESHOLD).squeeze(1)   # [n_dead]
             if dead.numel() == 0:
                 continue
             new_codewords = sub_vectors[self._sample_rows(sub_vectors.shape[0], dead.numel(),
                                                           sub_vectors.device), m]     # [n_dead, d]
+            new_codewords = _batch_statistics.from_leader(new_codewords.contiguous())
             self.codebooks[m, dead] = new_codewords
             self.ema_embed_sum[m, dead] = new_codewords
             self.ema_cluster_size[m, dead] = 1.0
@@ -258,9 +295,12 @@ class ProductQuantizer(nn.Module):
 
     @torch.no_grad()
     def _kmeans_initialize(self, sub_vectors):
-        """Set every codebook by k-means on the batch's sub-vectors. [P, M, d]."""
-        codebooks = torch.empty_like(self.codebooks)                                   # [M, N, d]
-        for m in range(self.num_codebooks):
+        """Set every codebook by k-means on the batch's sub-vectors. [P, M, d].
+
+        The rows of every process are gathered; rank 0 runs the k-means and every process takes its result."""
+        sub_vectors = _batch_statistics.all_rows(sub_vectors)                         # [P_all, M, d]
+        codebooks = torch.zeros_like(self.codebooks)                                   # [M, N, d]
+        for m in range(self.num_codebooks if _batch_statistics.is_leader else 0):
             points = sub_vectors[:, m]                                                 # [P, d]
             centers = points[self._sample_rows(points.shape[0], self.codebook_size, points.device)].clone()
             for _ in range(KMEANS_ITERS):
@@ -270,7 +310,7 @@ class ProductQuantizer(nn.Module):
                 filled = counts > 0
                 centers[filled] = sums[filled] / counts[filled].unsqueeze(1)           # empty: kept
             codebooks[m] = centers
-        self.set_codebooks(codebooks)
+        self.set_codebooks(_batch_statistics.from_leader(codebooks))
 
     # ------------------------------------------------------------------ keys and statistics
     def _check_code_axis(self, codes):

@@ -74,8 +74,12 @@ class GRUEncoder(nn.Module):
         return outputs, last
 
 
-class _SelfAttentionBlock(nn.Module):
-    """Pre-LN block as in SASRec: x + Dropout(Attn(LN(x))), then x + Dropout(FFN(LN(x)))."""
+class SelfAttentionBlock(nn.Module):
+    """Pre-LN block as in SASRec: x + Dropout(Attn(LN(x))), then x + Dropout(FFN(LN(x))).
+
+    `project` and `finish` are the two halves around the attention, for callers that attend
+    differently (layers/joint_attention.py: candidate tokens attending to cached user states).
+    """
 
     def __init__(self, dim, num_heads, dropout, ffn_dim):
         super().__init__()
@@ -88,16 +92,24 @@ class _SelfAttentionBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, allowed):
-        """x [B, L, D], allowed [B, 1, L, L] bool (query t may attend key s) -> [B, L, D]."""
-        batch_size, seq_len, dim = x.shape
-        qkv = self.qkv(self.attention_norm(x)).view(batch_size, seq_len, 3, self.num_heads, dim // self.num_heads)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4)                                 # each [B, h, L, D/h]
-        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed,
-                                                  dropout_p=self.dropout_rate if self.training else 0.0)
-        attended = attended.transpose(1, 2).reshape(batch_size, seq_len, dim)          # [B, L, D]
+    def project(self, x):
+        """x [..., L, D] -> (query, key, value), each [..., h, L, D/h]."""
+        *lead, seq_len, dim = x.shape
+        qkv = self.qkv(self.attention_norm(x)).view(*lead, seq_len, 3, self.num_heads, dim // self.num_heads)
+        return qkv.movedim(-3, 0).transpose(-3, -2).unbind(0)                          # each [..., h, L, D/h]
+
+    def finish(self, x, attended):
+        """x [..., L, D] and the attention output [..., h, L, D/h] -> the block's output [..., L, D]."""
+        attended = attended.transpose(-3, -2).flatten(-2)                              # [..., L, D]
         x = x + self.dropout(self.attention_out(attended))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+    def forward(self, x, allowed):
+        """x [B, L, D], allowed [B, 1, L, L] bool (query t may attend key s) -> [B, L, D]."""
+        query, key, value = self.project(x)                                            # each [B, h, L, D/h]
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed,
+                                                  dropout_p=self.dropout_rate if self.training else 0.0)
+        return self.finish(x, attended)
 
 
 class SelfAttentionEncoder(nn.Module):
@@ -142,7 +154,7 @@ class SelfAttentionEncoder(nn.Module):
         self.causal = bool(causal)
         self.position_embedding = nn.Embedding(max_len, dim) if use_positions else None
         self.input_dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(_SelfAttentionBlock(dim, num_heads, dropout, ffn_dim)
+        self.blocks = nn.ModuleList(SelfAttentionBlock(dim, num_heads, dropout, ffn_dim)
                                     for _ in range(num_layers))
         self.final_norm = nn.LayerNorm(dim)
 

@@ -4,11 +4,15 @@
 tower; the item tower of GRU4Rec and SASRec). `SequenceUserTower` combines a history encoder
 (`GRUEncoder`, `SelfAttentionEncoder` or any module with their interface) with the user's static
 field embeddings through an MLP. Neither owns the embedding table: the model embeds and passes
-the embeddings in, so the history shares the item tower's `item_id` table.
+the embeddings in, so the history shares the item tower's `item_id` table. `VectorNormalizer` is
+the last step of both towers: it makes the score a dot product or a cosine.
 """
 import torch
 from fuxictr.pytorch.layers import MLP_Block
 from torch import nn
+from torch.nn import functional as F
+
+SIMILARITIES = ("dot", "cosine")
 
 
 def _check_positive_int(owner, name, value, minimum=1):
@@ -127,3 +131,24 @@ class SequenceUserTower(nn.Module):
         if user_fields is not None:
             user_fields = user_fields.unsqueeze(1).expand(-1, seq_emb.shape[1], -1, -1)   # [B, L, F, D]
         return self._combine(outputs, user_fields) * mask.unsqueeze(-1)             # [B, L, d]
+
+
+class VectorNormalizer(nn.Module):
+    """Last step of the towers of a two-tower model: identity for `dot`, unit L2 norm for `cosine`.
+
+    The score stays the dot product of the two vectors (the cosine, for unit vectors), so both
+    similarities are served by the same inner-product index. No parameters.
+
+    Args:
+        similarity: `dot` or `cosine`.
+    """
+
+    def __init__(self, similarity="dot"):
+        super().__init__()
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity={similarity!r}; expected 'dot' or 'cosine'")
+        self.similarity = similarity
+
+    def forward(self, vectors):
+        """vectors [..., d] -> [..., d] (unit norm for `cosine`)."""
+        return F.normalize(vectors, dim=-1) if self.similarity == "cosine" else vectors

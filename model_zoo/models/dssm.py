@@ -1,9 +1,9 @@
 """DSSM (Huang et al. 2013) as a two-tower matching model: DNN towers, dot or cosine score."""
-import torch.nn.functional as F
 from fuxictr.pytorch.layers import MLP_Block
 
 from ..base import MatchModel, VectorServable
 from ..layers.field_embedding import FieldEmbedding
+from ..layers.towers import VectorNormalizer
 
 
 class DSSM(MatchModel, VectorServable):
@@ -27,8 +27,7 @@ class DSSM(MatchModel, VectorServable):
                  user_hidden_units=(256, 256, 256), item_hidden_units=(256, 256, 256), hidden_activations="ReLU",
                  net_dropout=0.1, batch_norm=False, similarity="dot", **kwargs):
         super().__init__(feature_map, model_id=model_id, **kwargs)
-        if similarity not in ("dot", "cosine"):
-            raise ValueError(f"similarity={similarity!r}; expected 'dot' or 'cosine'")
+        self.normalize = VectorNormalizer(similarity)
         self.similarity = similarity
         output_dim = output_dim or embedding_dim
         self.embedding = FieldEmbedding(feature_map, embedding_dim, self.embedding_init_std,
@@ -40,14 +39,11 @@ class DSSM(MatchModel, VectorServable):
         self.reset_parameters()
         self.model_to_device()
 
-    def _normalize(self, vectors):
-        return F.normalize(vectors, dim=-1) if self.similarity == "cosine" else vectors
-
     def encode_users(self, inputs):
-        return self._normalize(self.user_tower(self.embedding.fields(inputs, "user").flatten(1)))  # [B, d]
+        return self.normalize(self.user_tower(self.embedding.fields(inputs, "user").flatten(1)))  # [B, d]
 
     def encode_items(self, inputs):
-        return self._normalize(self.item_tower(self.embedding.fields(inputs, "item").flatten(1)))  # [C, d]
+        return self.normalize(self.item_tower(self.embedding.fields(inputs, "item").flatten(1)))  # [C, d]
 
     def score_pairs(self, user_repr, item_repr):
         return (user_repr.unsqueeze(1) * item_repr).sum(-1)            # [B, C]

@@ -33,13 +33,14 @@ class SASRec(SequentialTwoTower, MatchModel):
         net_dropout: dropout rate of both MLPs.
         batch_norm: batch normalisation in both MLPs.
         use_user_features: concatenate the static user fields to the attention output (False: history only).
+        similarity: `dot` or `cosine` (both vectors L2-normalised; use a temperature < 1).
         **kwargs: MatchModel arguments.
     """
 
     def __init__(self, feature_map, model_id="SASRec", embedding_dim=64, output_dim=None, num_layers=3, num_heads=1,
                  encoder_dropout=0.2, ffn_dim=None, scale_embeddings=True, user_hidden_units=(256,),
                  item_hidden_units=(256,), hidden_activations="ReLU", net_dropout=0.1, batch_norm=False,
-                 use_user_features=True, **kwargs):
+                 use_user_features=True, similarity="dot", **kwargs):
         super().__init__(feature_map, model_id=model_id, **kwargs)
         history_len = feature_map.features.get(HISTORY_FEATURE, {}).get("max_len")
         if not history_len:
@@ -49,6 +50,7 @@ class SASRec(SequentialTwoTower, MatchModel):
                                        use_positions=True, ffn_dim=ffn_dim)
         self._build_towers(feature_map, embedding_dim, encoder, embedding_dim, output_dim or embedding_dim,
                            user_hidden_units, item_hidden_units, hidden_activations, net_dropout, batch_norm,
-                           use_user_features, input_scale=math.sqrt(embedding_dim) if scale_embeddings else 1.0)
+                           use_user_features, input_scale=math.sqrt(embedding_dim) if scale_embeddings else 1.0,
+                           similarity=similarity)
         self.reset_parameters()
         self.model_to_device()

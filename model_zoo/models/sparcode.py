@@ -11,6 +11,7 @@ codes, so evaluation scores each distinct code once, and an index can be built f
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from fuxictr.pytorch.layers import MLP_Block
 
@@ -21,6 +22,8 @@ from ..layers.interaction import INTERACTIONS, InteractionScorer
 from ..layers.quantizer import GRADIENT_MODES, ProductQuantizer
 from ..layers.token_heads import HEAD_TYPES, TokenHeads
 from ..layers.tokenizers import HISTORY_HEADS, TOKENIZERS, UserTokenizer
+
+TOKEN_NORMS = ("none", "l2")
 
 
 class SparCode(MatchModel, CodeIndexable):
@@ -52,6 +55,22 @@ class SparCode(MatchModel, CodeIndexable):
             initialisation S is about 0 for every pair, and with b = 0 half the pairs would start at the
             kink and sampled softmax can push b down until every score is 0 (no gradient left). While every
             pair is active, b gets no gradient (it shifts all logits alike). Default 1.0.
+        token_norm: "none" (default) | "l2": user and item tokens scaled to unit length before the quantizer
+            and the scorer (cosine scores with the dot scorer). Bounds the commitment loss, which otherwise
+            grows with the token norms over training.
+        train_sparsity: None (default: b is learned) or the share of (code, item) scores that relu(S + b)
+            sets to 0 during training, in (0, 1). Every training step sets b to minus that quantile of the
+            scores of the user tokens against the sampled negatives (uniform sampler: an unbiased sample of
+            the corpus), so the model learns to rank with the sparse scores it is served with; b then is a
+            buffer holding the EMA of those thresholds (the trained b of the index). Needs token_norm "l2"
+            and negative_sampler "uniform".
+        dense_loss_weight: with train_sparsity, weight of a second sampled softmax over the scores before the
+            threshold (max over the K_u tokens). The thresholded softmax alone only pushes away the few
+            negatives above the threshold, which moves with them, so nothing keeps items and tokens apart and
+            they collapse into one direction; the dense term keeps every negative pushed away. Default 4.0.
+        sparse_grad_leak: gradient slope of relu(S + b) below 0 in training (the forward value is unchanged, so
+            training scores stay the served ones). With train_sparsity most pairs sit below the threshold, the
+            positives at first among them, and would get no gradient. In [0, 1]. Default 0.1.
         net_dropout: dropout of the tokenizer and the scorer MLP. Default 0.1.
         num_layers: self-attention blocks of the "sa" tokenizer. Default 2.
         num_heads: attention heads of the "sa" tokenizer. Default 1.
@@ -65,12 +84,13 @@ class SparCode(MatchModel, CodeIndexable):
                  codebook_decay=0.99, commitment_weight=0.25, quantizer_grad="straight_through",
                  interaction="innerp_dnn",
                  hidden_units=(256, 256, 256), tokenizer_hidden_units=(256,),
-                 item_hidden_units=(), hidden_activations="ReLU", sparse_bias_init=1.0, net_dropout=0.1, num_layers=2,
-                 num_heads=1, **kwargs):
+                 item_hidden_units=(), hidden_activations="ReLU", sparse_bias_init=1.0, token_norm="none",
+                 train_sparsity=None, dense_loss_weight=4.0, sparse_grad_leak=0.1, net_dropout=0.1, num_layers=2, num_heads=1, **kwargs):
         super().__init__(feature_map, model_id=model_id, **kwargs)
         for name, value, allowed in (("tokenizer", tokenizer, TOKENIZERS), ("token_heads", token_heads, HEAD_TYPES),
                                      ("interaction", interaction, INTERACTIONS),
-                                     ("quantizer_grad", quantizer_grad, GRADIENT_MODES)):
+                                     ("quantizer_grad", quantizer_grad, GRADIENT_MODES),
+                                     ("token_norm", token_norm, TOKEN_NORMS)):
             if value not in allowed:
                 raise ValueError(f"SparCode: {name}={value!r}; expected one of {list(allowed)}")
         token_dim = embedding_dim if token_dim is None else token_dim
@@ -79,6 +99,22 @@ class SparCode(MatchModel, CodeIndexable):
                             ("codebook_size", codebook_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SparCode: {name}={value!r}; expected a positive int")
+        if train_sparsity is not None and (isinstance(train_sparsity, bool) or
+                                           not isinstance(train_sparsity, (int, float)) or
+                                           not 0.0 < train_sparsity < 1.0):
+            raise ValueError(f"SparCode: train_sparsity={train_sparsity!r}; expected None or a float in (0, 1)")
+        if train_sparsity is not None and token_norm != "l2":
+            raise ValueError(f"SparCode: train_sparsity needs token_norm='l2', got {token_norm!r} (unbounded tokens "
+                             f"let the threshold and the scores grow without limit)")
+        if train_sparsity is not None and self.negative_sampler != "uniform":
+            raise ValueError(f"SparCode: train_sparsity needs negative_sampler='uniform' (the threshold is a "
+                             f"quantile over the sampled items), got {self.negative_sampler!r}")
+        if isinstance(sparse_grad_leak, bool) or not isinstance(sparse_grad_leak, (int, float)) or \
+                not 0.0 <= sparse_grad_leak <= 1.0:
+            raise ValueError(f"SparCode: sparse_grad_leak={sparse_grad_leak!r}; expected a float in [0, 1]")
+        if isinstance(dense_loss_weight, bool) or not isinstance(dense_loss_weight, (int, float)) or \
+                not dense_loss_weight >= 0.0:
+            raise ValueError(f"SparCode: dense_loss_weight={dense_loss_weight!r}; expected a float >= 0")
         if token_dim % num_codebooks:
             raise ValueError(f"SparCode: token_dim={token_dim} must be divisible by num_codebooks={num_codebooks}")
         self.embedding = FieldEmbedding(feature_map, embedding_dim, self.embedding_init_std,
@@ -106,10 +142,21 @@ class SparCode(MatchModel, CodeIndexable):
                                           commitment_weight=commitment_weight, gradient_mode=quantizer_grad)
         self.scorer = InteractionScorer(token_dim, num_item_tokens, interaction, hidden_units, hidden_activations,
                                         dropout=net_dropout)
-        self.bias = nn.Parameter(torch.tensor(float(sparse_bias_init)))    # b of Eq. 10
+        self.normalize_tokens = token_norm == "l2"
+        self.train_sparsity, self.sparse_grad_leak = train_sparsity, float(sparse_grad_leak)
+        self.dense_loss_weight = float(dense_loss_weight) if train_sparsity is not None else 0.0
+        # The share of scores zeroed at the current step; the sparsity_warmup callback ramps it up to
+        # train_sparsity.
+        self.current_sparsity = train_sparsity
+        if train_sparsity is None:
+            self.bias = nn.Parameter(torch.tensor(float(sparse_bias_init)))    # b of Eq. 10
+        else:                                                                # b set from the score quantile
+            self.register_buffer("bias", torch.tensor(float(sparse_bias_init)))
+            self.register_buffer("bias_initialized", torch.tensor(False))
         # Set by the Trainer's callbacks (engine/callbacks.py): quantizer_warmup, freeze_codes.
         self.feed_unquantized_tokens, self.codes_frozen = False, False
-        self._commit_loss, self.step_stats = None, None
+        self._commit_loss, self.step_stats, self._step_threshold = None, None, None
+        self._dense_scores = {}     # training step: max over tokens of S, "negatives" [B, U] and "positives" [B, 1]
         self.reset_parameters()
         self.model_to_device()
 
@@ -123,7 +170,8 @@ class SparCode(MatchModel, CodeIndexable):
         else:
             fields = torch.zeros(inputs[HISTORY_FEATURE].shape[0], 0, self.embedding.embedding_dim,
                                  device=self.device)
-        return self.tokenizer(fields, history, mask)
+        tokens = self.tokenizer(fields, history, mask)                                      # [B, K_u, D_T]
+        return F.normalize(tokens, dim=-1) if self.normalize_tokens else tokens
 
     def encode_users(self, inputs):
         """(quantized tokens [B, K_u, D_T], keys [B, K_u] int64).
@@ -142,6 +190,7 @@ class SparCode(MatchModel, CodeIndexable):
             self._commit_loss = None if self.codes_frozen else commit_loss                # frozen: a constant
             self.step_stats = {"keys": keys, "commitment": float(self.quantizer.last_raw_commitment),
                                "zero_scores": 0, "scores": 0}
+            self._step_threshold, self._dense_scores = None, {}
         return quantized, keys
 
     def freeze_user_side(self):
@@ -162,16 +211,48 @@ class SparCode(MatchModel, CodeIndexable):
 
     def encode_items(self, inputs):
         encoded = self.item_encoder(self.embedding.fields(inputs, "item").flatten(1))      # [C, H_item]
-        return self.item_heads(encoded)                                                     # [C, K_c, D_T]
+        tokens = self.item_heads(encoded)                                                   # [C, K_c, D_T]
+        return F.normalize(tokens, dim=-1) if self.normalize_tokens else tokens
 
     # ---- scores ---------------------------------------------------------------------
-    def _sparse_sum(self, scores):
-        """Eq. 10-11: [..., K_u] raw scores S -> sum_k relu(S_k + b) [...]."""
-        sparse = torch.relu(scores + self.bias)
+    def _sparse_sum(self, scores, sampled=False):
+        """Eq. 10-11: [..., K_u] raw scores S -> sum_k relu(S_k + b) [...].
+
+        With train_sparsity, a training call on the sampled negatives (`sampled`, the first scoring call of
+        a step in MatchModel.sampled_softmax_loss) sets this step's b from their scores; the positives'
+        call then uses the same b."""
+        bias = self.bias
+        if self.training and self.train_sparsity is not None:
+            if self.dense_loss_weight:
+                self._dense_scores["negatives" if sampled else "positives"] = scores.amax(-1)
+            if sampled:
+                self._step_threshold = self._sparsity_bias(scores.detach())
+            if self._step_threshold is None:
+                raise RuntimeError("SparCode: with train_sparsity the negatives are scored before the "
+                                   "positives in a training step (MatchModel.sampled_softmax_loss)")
+            bias = self._step_threshold
+        shifted = scores + bias
+        sparse = torch.relu(shifted)
+        if self.training and self.sparse_grad_leak > 0:
+            # value 0, gradient sparse_grad_leak where relu is flat
+            sparse = sparse + self.sparse_grad_leak * (shifted - shifted.detach()) * (shifted <= 0)
         if self.training and self.step_stats is not None:
             self.step_stats["zero_scores"] += int((sparse == 0).sum())
             self.step_stats["scores"] += sparse.numel()
         return sparse.sum(-1)
+
+    @torch.no_grad()
+    def _sparsity_bias(self, scores):
+        """b that zeroes a `current_sparsity` share of `scores` (any shape); updates the EMA of b (the served b)."""
+        flat = scores.float().reshape(-1)
+        rank = min(flat.numel(), max(1, int(round(self.current_sparsity * flat.numel()))))
+        bias = -flat.kthvalue(rank).values                                                  # scalar
+        if bool(self.bias_initialized):
+            self.bias.mul_(self.quantizer.decay).add_(bias, alpha=1.0 - self.quantizer.decay)
+        else:
+            self.bias.copy_(bias)
+            self.bias_initialized.fill_(True)
+        return bias
 
     def score_pairs(self, user_repr, item_repr):
         quantized, _ = user_repr                                                            # [B, K_u, D_T]
@@ -183,20 +264,27 @@ class SparCode(MatchModel, CodeIndexable):
         quantized, keys = user_repr
         batch, num_tokens, _ = quantized.shape
         if torch.is_grad_enabled():
-            return self.score_tokens(quantized, item_repr)                                  # [B, C]
+            return self.score_tokens(quantized, item_repr, sampled=True)                    # [B, C]
         unique, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
         raw = self.scorer.all_pairs(self.code_vectors(unique), item_repr)[inverse]              # [B * K_u, C]
         return self._sparse_sum(raw.view(batch, num_tokens, -1).transpose(1, 2))            # [B, C]
 
-    def score_tokens(self, tokens, item_repr):
+    def score_tokens(self, tokens, item_repr, sampled=False):
         """Eq. 10-11 for any token vectors (quantized or not): tokens [B, K_u, D_T], items [C, K_c, D_T] -> [B, C]."""
         batch, num_tokens, dim = tokens.shape
         raw = self.scorer.all_pairs(tokens.reshape(-1, dim), item_repr)                         # [B * K_u, C]
-        return self._sparse_sum(raw.view(batch, num_tokens, -1).transpose(1, 2))            # [B, C]
+        return self._sparse_sum(raw.view(batch, num_tokens, -1).transpose(1, 2), sampled)   # [B, C]
 
-    def auxiliary_loss(self):
-        """Commitment loss (x lambda) of the last encode_users call in training mode."""
-        return 0.0 if self._commit_loss is None else self._commit_loss
+    def auxiliary_loss(self, columns=None, excluded=None):
+        """Commitment loss (x lambda) of the last encode_users call in training mode, plus with train_sparsity
+        the dense sampled softmax (x dense_loss_weight) over the same positives and negatives."""
+        loss = 0.0 if self._commit_loss is None else self._commit_loss
+        if self.dense_loss_weight and "positives" in self._dense_scores:
+            logits = torch.cat([self._dense_scores["positives"], self._dense_scores["negatives"][:, columns]], 1)
+            logits = (logits / self.temperature).masked_fill(excluded, float("-inf"))         # [B, 1 + n]
+            labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+            loss = loss + self.dense_loss_weight * F.cross_entropy(logits, labels)
+        return loss
 
     # ---- serving hooks (CodeIndexable) ------------------------------------------------
     @contextlib.contextmanager
