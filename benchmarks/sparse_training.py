@@ -33,7 +33,7 @@ OUT = os.path.join(ROOT, "benchmarks", "results", "sparse_training")
 # dataset -> (sparsity-trained expid, the same model with the learned b)
 PAIRS = {
     "demo_50k": ("SparCode_demo_50k_001", "SparCode_demo_50k_dense"),
-    "ml1m_pairs": ("SparCode_ml1m_pairs_sparse", "SparCode_ml1m_pairs_uniform"),
+    "ml1m_pairs": ("SparCode_ml1m_pairs_sparse", "SparCode_ml1m_pairs_001"),
     "ml100k_recbole": ("SparCode_ml100k_sparse", "SparCode_ml100k_l2"),
 }
 TARGETS = (0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99, 0.993, 0.995, 0.998)

@@ -7,7 +7,8 @@ expid). Steps per expid:
 
 1. Train it exactly as ``python run_expid.py --expid <expid>`` does (model_zoo/engine/experiment.py), unless its
    result JSON was written with the current parameters on the current data (then it is reused); a killed run
-   resumes from its last epoch.
+   resumes from its last epoch. A TDM expid's ``tree_init_expid`` (the two-tower model whose item vectors build
+   its tree) is run first the same way.
 2. Retrieve the top 50 of every test user (history masked): TDM by layer-wise beam search with the expid's
    ``beam_size`` (engine/serving.py ``tree_search``), SparCode through its sparse index (``<expid>.sparse_index.npz``,
    rebuilt when absent). Recall@5/10/20/50 of that list, Recall@50 of scoring every item exactly, and the share of
@@ -68,9 +69,9 @@ def parse_args(argv=None):
 def trained(args, expid):
     """(result JSON of a finished run of the current config, model with its best weights, test users)."""
     params = load_config(args.config, expid)
-    result = load_result_if_current(params, ROOT)
-    if result is None:
-        result = run_experiment(args.config, expid, command=f"python benchmarks/tdm_vs_sparcode.py ({expid})")
+    if params.get("tree_init_expid"):                    # the two-tower whose item vectors build TDM's tree
+        run_once(args, params["tree_init_expid"])
+    result = run_once(args, expid)
     params = dict(params, gpu=-1)
     data_dir, feature_map, corpus, train, _, test = open_data(params)
     model = get_model(params["model"])(feature_map, **params)
@@ -78,6 +79,14 @@ def trained(args, expid):
     model.load_weights(model.checkpoint)
     model.eval()
     return result, params, data_dir, model, test
+
+
+def run_once(args, expid):
+    """The result JSON of `expid` (run now unless a run of its current config on the current data exists)."""
+    result = load_result_if_current(load_config(args.config, expid), ROOT)
+    if result is None:
+        result = run_experiment(args.config, expid, command=f"python benchmarks/tdm_vs_sparcode.py ({expid})")
+    return result
 
 
 def retrieval(params, data_dir, model, item_repr):

@@ -68,9 +68,6 @@ class SparCode(MatchModel, CodeIndexable):
             threshold (max over the K_u tokens). The thresholded softmax alone only pushes away the few
             negatives above the threshold, which moves with them, so nothing keeps items and tokens apart and
             they collapse into one direction; the dense term keeps every negative pushed away. Default 4.0.
-        sparse_grad_leak: gradient slope of relu(S + b) below 0 in training (the forward value is unchanged, so
-            training scores stay the served ones). With train_sparsity most pairs sit below the threshold, the
-            positives at first among them, and would get no gradient. In [0, 1]. Default 0.1.
         net_dropout: dropout of the tokenizer and the scorer MLP. Default 0.1.
         num_layers: self-attention blocks of the "sa" tokenizer. Default 2.
         num_heads: attention heads of the "sa" tokenizer. Default 1.
@@ -85,7 +82,7 @@ class SparCode(MatchModel, CodeIndexable):
                  interaction="innerp_dnn",
                  hidden_units=(256, 256, 256), tokenizer_hidden_units=(256,),
                  item_hidden_units=(), hidden_activations="ReLU", sparse_bias_init=1.0, token_norm="none",
-                 train_sparsity=None, dense_loss_weight=4.0, sparse_grad_leak=0.1, net_dropout=0.1, num_layers=2, num_heads=1, **kwargs):
+                 train_sparsity=None, dense_loss_weight=4.0, net_dropout=0.1, num_layers=2, num_heads=1, **kwargs):
         super().__init__(feature_map, model_id=model_id, **kwargs)
         for name, value, allowed in (("tokenizer", tokenizer, TOKENIZERS), ("token_heads", token_heads, HEAD_TYPES),
                                      ("interaction", interaction, INTERACTIONS),
@@ -109,12 +106,6 @@ class SparCode(MatchModel, CodeIndexable):
         if train_sparsity is not None and self.negative_sampler != "uniform":
             raise ValueError(f"SparCode: train_sparsity needs negative_sampler='uniform' (the threshold is a "
                              f"quantile over the sampled items), got {self.negative_sampler!r}")
-        if isinstance(sparse_grad_leak, bool) or not isinstance(sparse_grad_leak, (int, float)) or \
-                not 0.0 <= sparse_grad_leak <= 1.0:
-            raise ValueError(f"SparCode: sparse_grad_leak={sparse_grad_leak!r}; expected a float in [0, 1]")
-        if isinstance(dense_loss_weight, bool) or not isinstance(dense_loss_weight, (int, float)) or \
-                not dense_loss_weight >= 0.0:
-            raise ValueError(f"SparCode: dense_loss_weight={dense_loss_weight!r}; expected a float >= 0")
         if token_dim % num_codebooks:
             raise ValueError(f"SparCode: token_dim={token_dim} must be divisible by num_codebooks={num_codebooks}")
         self.embedding = FieldEmbedding(feature_map, embedding_dim, self.embedding_init_std,
@@ -143,7 +134,7 @@ class SparCode(MatchModel, CodeIndexable):
         self.scorer = InteractionScorer(token_dim, num_item_tokens, interaction, hidden_units, hidden_activations,
                                         dropout=net_dropout)
         self.normalize_tokens = token_norm == "l2"
-        self.train_sparsity, self.sparse_grad_leak = train_sparsity, float(sparse_grad_leak)
+        self.train_sparsity = train_sparsity
         self.dense_loss_weight = float(dense_loss_weight) if train_sparsity is not None else 0.0
         # The share of scores zeroed at the current step; the sparsity_warmup callback ramps it up to
         # train_sparsity.
@@ -231,11 +222,7 @@ class SparCode(MatchModel, CodeIndexable):
                 raise RuntimeError("SparCode: with train_sparsity the negatives are scored before the "
                                    "positives in a training step (MatchModel.sampled_softmax_loss)")
             bias = self._step_threshold
-        shifted = scores + bias
-        sparse = torch.relu(shifted)
-        if self.training and self.sparse_grad_leak > 0:
-            # value 0, gradient sparse_grad_leak where relu is flat
-            sparse = sparse + self.sparse_grad_leak * (shifted - shifted.detach()) * (shifted <= 0)
+        sparse = torch.relu(scores + bias)
         if self.training and self.step_stats is not None:
             self.step_stats["zero_scores"] += int((sparse == 0).sum())
             self.step_stats["scores"] += sparse.numel()
