@@ -108,6 +108,14 @@ class BalancedTree:
         """Ancestors of every item at levels 1..D (node ids within each level): int64 [n, D]."""
         return self.leaf_ancestors[self.item_leaf]
 
+    def internal_means(self, vectors):
+        """Mean of the item vectors [n, d] under every internal node, levels 1..D-1 in order: [n_internal, d]."""
+        vectors = np.asarray(vectors, dtype=np.float64)
+        sums = np.concatenate([np.zeros((1, vectors.shape[1])), np.cumsum(vectors[self.leaf_items], axis=0)])
+        parts = [(sums[ranges[:, 1]] - sums[ranges[:, 0]]) / (ranges[:, 1] - ranges[:, 0])[:, None]
+                 for ranges in self.leaf_ranges[1:-1]]                                     # [n_l, d] per level
+        return np.concatenate(parts) if parts else np.zeros((0, vectors.shape[1]))
+
     @classmethod
     def random(cls, num_items, branching=2, seed=2023):
         """Items on the leaves in a random order."""

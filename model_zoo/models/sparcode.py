@@ -286,7 +286,7 @@ class SparCode(MatchModel, CodeIndexable):
 
     @property
     def sparse_bias(self):
-        """The learned b of Eq. 10 (a float)."""
+        """b of Eq. 10 (a float): learned, or with train_sparsity the EMA of the training thresholds."""
         return float(self.bias.detach())
 
     def query_codes(self, user_inputs):

@@ -82,10 +82,10 @@ class TDM(MatchModel, TreeRetrievable):
         self.tree_learning_rounds, self.tree_learning_steps = tree_learning_rounds, tree_learning_steps
         output_dim = output_dim or embedding_dim
         self.embedding = FieldEmbedding(feature_map, embedding_dim, self.embedding_init_std, self.history_features)
-        self.user_tower, self.item_tower = (
-            FieldMLPTower(self.embedding.num_fields(side), embedding_dim, output_dim, units, hidden_activations,
-                          net_dropout, batch_norm) for side, units in (("user", user_hidden_units),
-                                                                       ("item", item_hidden_units)))
+        self.user_tower = FieldMLPTower(self.embedding.num_fields("user"), embedding_dim, output_dim,
+                                        user_hidden_units, hidden_activations, net_dropout, batch_norm)
+        self.item_tower = FieldMLPTower(self.embedding.num_fields("item"), embedding_dim, output_dim,
+                                        item_hidden_units, hidden_activations, net_dropout, batch_norm)
         self.tree = BalancedTree.random(num_items, tree_branching, self.seed)
         self.node_embedding = nn.Embedding(max(int(self.tree.level_sizes[1:-1].sum()), 1), output_dim)
         self.scorer = InteractionScorer(output_dim, 1, INTERACTIONS[interaction], hidden_units, hidden_activations,
@@ -185,19 +185,13 @@ class TDM(MatchModel, TreeRetrievable):
         self.eval()
         leaves = self.all_item_repr()                                                        # [n_items, d]
         self.train(was_training)
-        self._use_tree(BalancedTree.from_vectors(leaves.cpu().numpy(), self.tree.branching,
-                                                 self.seed + int(self.steps_done)))
-        sums = F.pad(torch.cumsum(leaves[self.leaf_items].double(), 0), (0, 0, 1, 0))       # [n_items + 1, d]
-        means = []
-        for ranges in self.tree.leaf_ranges[1:-1]:                                           # levels 1..D-1
-            start, stop = (torch.from_numpy(ranges[:, i]).to(self.device) for i in (0, 1))
-            means.append((sums[stop] - sums[start]) / (stop - start).unsqueeze(1))           # [n_l, d]
-        if means:
-            self.node_embedding.weight[:] = torch.cat(means).to(leaves.dtype)
+        vectors = leaves.cpu().numpy()
+        self._use_tree(BalancedTree.from_vectors(vectors, self.tree.branching, self.seed + int(self.steps_done)))
+        means = self.tree.internal_means(vectors)                                            # [n_internal, d]
+        self.node_embedding.weight[:len(means)] = torch.from_numpy(means).to(self.node_embedding.weight)
         logging.info(f"TDM: tree rebuilt from the item vectors at step {int(self.steps_done)}")
 
     # ---- the tree file ----------------------------------------------------------------------
-
     def save_weights(self, checkpoint):
         super().save_weights(checkpoint)
         self.tree.save(tree_file(checkpoint), checkpoint_hash=file_sha256(checkpoint),
