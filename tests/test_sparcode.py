@@ -356,6 +356,29 @@ def test_train_sparsity_needs_uniform_negatives_and_a_share_in_0_1(tiny):
         _model(tiny, token_norm="unit")
 
 
+def test_sparse_grad_leak_keeps_the_forward_value_and_passes_gradient_below_the_threshold(tiny):
+    """The leak changes only the backward pass: scores are the served relu(S + b), and a score below the
+    threshold gets gradient sparse_grad_leak instead of 0 (only with train_sparsity)."""
+    model = _model(tiny, train_sparsity=0.9, token_norm="l2", sparse_grad_leak=0.25)
+    model.train()
+    model._step_threshold = torch.tensor(-0.5)
+    scores = torch.tensor([[0.2, 0.9], [0.1, 0.4]], requires_grad=True)           # [B=2, K_u=2]
+    summed = model._sparse_sum(scores)
+    assert torch.allclose(summed, torch.tensor([0.4, 0.0]))                         # relu(S - 0.5) summed
+    summed.sum().backward()
+    assert torch.allclose(scores.grad, torch.tensor([[0.25, 1.0], [0.25, 0.25]]))
+    dense = _model(tiny, sparse_grad_leak=0.25)                                     # learned b: no leak
+    dense.train()
+    raw = torch.tensor([[-5.0, 0.0]], requires_grad=True)
+    dense._sparse_sum(raw).sum().backward()
+    assert float(raw.grad[0, 0]) == 0.0
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ValueError, match=f"sparse_grad_leak={bad!r}; expected a number in \\[0, 1.0\\]"):
+            _model(tiny, train_sparsity=0.9, token_norm="l2", sparse_grad_leak=bad)
+    with pytest.raises(ValueError, match="dense_loss_weight=-1"):
+        _model(tiny, dense_loss_weight=-1)
+
+
 def test_token_norm_gives_unit_tokens(tiny):
     model = _model(tiny, token_norm="l2")
     batch, _ = _batch(tiny)

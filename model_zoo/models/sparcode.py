@@ -68,6 +68,10 @@ class SparCode(MatchModel, CodeIndexable):
             threshold (max over the K_u tokens). The thresholded softmax alone only pushes away the few
             negatives above the threshold, which moves with them, so nothing keeps items and tokens apart and
             they collapse into one direction; the dense term keeps every negative pushed away. Default 4.0.
+        sparse_grad_leak: with train_sparsity, gradient slope of relu(S + b) below 0 in training (the forward
+            value is unchanged, so training scores stay the served ones). Most pairs sit below the threshold,
+            the positives at first among them, and would get no gradient through the thresholded softmax.
+            In [0, 1]. Default 0.1 (benchmarks/results/sparcode_leak_demo_50k/).
         net_dropout: dropout of the tokenizer and the scorer MLP. Default 0.1.
         num_layers: self-attention blocks of the "sa" tokenizer. Default 2.
         num_heads: attention heads of the "sa" tokenizer. Default 1.
@@ -82,7 +86,8 @@ class SparCode(MatchModel, CodeIndexable):
                  interaction="innerp_dnn",
                  hidden_units=(256, 256, 256), tokenizer_hidden_units=(256,),
                  item_hidden_units=(), hidden_activations="ReLU", sparse_bias_init=1.0, token_norm="none",
-                 train_sparsity=None, dense_loss_weight=4.0, net_dropout=0.1, num_layers=2, num_heads=1, **kwargs):
+                 train_sparsity=None, dense_loss_weight=4.0, sparse_grad_leak=0.1,
+                 net_dropout=0.1, num_layers=2, num_heads=1, **kwargs):
         super().__init__(feature_map, model_id=model_id, **kwargs)
         for name, value, allowed in (("tokenizer", tokenizer, TOKENIZERS), ("token_heads", token_heads, HEAD_TYPES),
                                      ("interaction", interaction, INTERACTIONS),
@@ -106,6 +111,10 @@ class SparCode(MatchModel, CodeIndexable):
         if train_sparsity is not None and self.negative_sampler != "uniform":
             raise ValueError(f"SparCode: train_sparsity needs negative_sampler='uniform' (the threshold is a "
                              f"quantile over the sampled items), got {self.negative_sampler!r}")
+        for name, value, upper in (("dense_loss_weight", dense_loss_weight, float("inf")),
+                                   ("sparse_grad_leak", sparse_grad_leak, 1.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= upper:
+                raise ValueError(f"SparCode: {name}={value!r}; expected a number in [0, {upper}]")
         if token_dim % num_codebooks:
             raise ValueError(f"SparCode: token_dim={token_dim} must be divisible by num_codebooks={num_codebooks}")
         self.embedding = FieldEmbedding(feature_map, embedding_dim, self.embedding_init_std,
@@ -134,7 +143,7 @@ class SparCode(MatchModel, CodeIndexable):
         self.scorer = InteractionScorer(token_dim, num_item_tokens, interaction, hidden_units, hidden_activations,
                                         dropout=net_dropout)
         self.normalize_tokens = token_norm == "l2"
-        self.train_sparsity = train_sparsity
+        self.train_sparsity, self.sparse_grad_leak = train_sparsity, float(sparse_grad_leak)
         self.dense_loss_weight = float(dense_loss_weight) if train_sparsity is not None else 0.0
         # The share of scores zeroed at the current step; the sparsity_warmup callback ramps it up to
         # train_sparsity.
@@ -222,7 +231,11 @@ class SparCode(MatchModel, CodeIndexable):
                 raise RuntimeError("SparCode: with train_sparsity the negatives are scored before the "
                                    "positives in a training step (MatchModel.sampled_softmax_loss)")
             bias = self._step_threshold
-        sparse = torch.relu(scores + bias)
+        shifted = scores + bias
+        sparse = torch.relu(shifted)
+        if self.training and self.train_sparsity is not None and self.sparse_grad_leak > 0:
+            # value 0, gradient sparse_grad_leak where relu is flat
+            sparse = sparse + self.sparse_grad_leak * (shifted - shifted.detach()) * (shifted <= 0)
         if self.training and self.step_stats is not None:
             self.step_stats["zero_scores"] += int((sparse == 0).sum())
             self.step_stats["scores"] += sparse.numel()
