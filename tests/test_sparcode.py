@@ -379,6 +379,30 @@ def test_sparse_grad_leak_keeps_the_forward_value_and_passes_gradient_below_the_
         _model(tiny, dense_loss_weight=-1)
 
 
+def test_flops_penalty_is_the_squared_mean_activation_and_lowers_the_scores(tiny):
+    """flops_weight adds mean over tokens of (mean over sampled items of relu(S + b))^2 to the loss; its
+    gradient pushes b and the scores down. It needs a learned b."""
+    model = _model(tiny, flops_weight=2.0, token_norm="l2")
+    model.train()
+    batch, positives = _batch(tiny)
+    user_repr = model.encode_users(batch)
+    items = model.encode_items(model.items(torch.arange(model.item_corpus.num_items)))
+    model.score_matrix(user_repr, items)                                            # the sampled call
+    quantized, _ = user_repr
+    raw = model.scorer.all_pairs(quantized.reshape(-1, quantized.shape[-1]), items)  # [B * K_u, C]
+    expected = (torch.relu(raw + model.bias).mean(dim=1) ** 2).mean()
+    assert torch.allclose(model._flops, expected, atol=1e-6) and float(expected.detach()) > 0
+    penalty = model.auxiliary_loss() - (model._commit_loss if model._commit_loss is not None else 0.0)
+    assert torch.allclose(penalty, 2.0 * expected, atol=1e-6)
+    model.zero_grad()
+    penalty.backward()
+    assert float(model.bias.grad) > 0                                                # descent lowers b
+    with pytest.raises(ValueError, match="flops_weight=1.0 needs a learned b"):
+        _model(tiny, flops_weight=1.0, train_sparsity=0.9, token_norm="l2")
+    with pytest.raises(ValueError, match="flops_weight=-1"):
+        _model(tiny, flops_weight=-1)
+
+
 def test_token_norm_gives_unit_tokens(tiny):
     model = _model(tiny, token_norm="l2")
     batch, _ = _batch(tiny)

@@ -259,8 +259,9 @@ def test_tree_from_a_trained_two_tower_expid(tiny):
     dssm = DSSM(tiny["feature_map"], **params)
     dssm.set_item_corpus(tiny["corpus"])
     dssm.save_weights(dssm.checkpoint)
-    with open(os.path.splitext(dssm.checkpoint)[0] + ".json", "w") as fd:
-        json.dump({"model": "DSSM", "params": params, "checkpoint": dssm.checkpoint}, fd, default=str)
+    with open(os.path.splitext(dssm.checkpoint)[0] + ".json", "w") as fd:                # trained in-batch
+        json.dump({"model": "DSSM", "params": {**params, "negative_sampler": "in_batch"},
+                   "checkpoint": dssm.checkpoint}, fd, default=str)
     model = _model(tiny, tree_init_expid="DSSM_tiny")
     random_tree = model.tree.leaf_items.copy()
     model.train()

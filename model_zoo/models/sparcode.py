@@ -71,7 +71,11 @@ class SparCode(MatchModel, CodeIndexable):
         sparse_grad_leak: with train_sparsity, gradient slope of relu(S + b) below 0 in training (the forward
             value is unchanged, so training scores stay the served ones). Most pairs sit below the threshold,
             the positives at first among them, and would get no gradient through the thresholded softmax.
-            In [0, 1]. Default 0.1 (benchmarks/results/sparcode_leak_demo_50k/).
+            In [0, 1]. Default 0.0: on ML-100K 0.1 lowers validation Recall@50 and the index's Sparsity at
+            the trained b, on demo_50k it doubles Recall@50 (benchmarks/results/sparcode_leak_*/).
+        flops_weight: with b learned (no train_sparsity), weight of SPLADE's FLOPS penalty on the training
+            scores: the mean over the batch's user tokens of (mean over the sampled items of relu(S + b))^2,
+            which pushes each key's expected posting-list length down. Default 0.0 (off).
         net_dropout: dropout of the tokenizer and the scorer MLP. Default 0.1.
         num_layers: self-attention blocks of the "sa" tokenizer. Default 2.
         num_heads: attention heads of the "sa" tokenizer. Default 1.
@@ -86,8 +90,8 @@ class SparCode(MatchModel, CodeIndexable):
                  interaction="innerp_dnn",
                  hidden_units=(256, 256, 256), tokenizer_hidden_units=(256,),
                  item_hidden_units=(), hidden_activations="ReLU", sparse_bias_init=1.0, token_norm="none",
-                 train_sparsity=None, dense_loss_weight=4.0, sparse_grad_leak=0.1,
-                 net_dropout=0.1, num_layers=2, num_heads=1, **kwargs):
+                 train_sparsity=None, dense_loss_weight=4.0, sparse_grad_leak=0.0,
+                 flops_weight=0.0, net_dropout=0.1, num_layers=2, num_heads=1, **kwargs):
         super().__init__(feature_map, model_id=model_id, **kwargs)
         for name, value, allowed in (("tokenizer", tokenizer, TOKENIZERS), ("token_heads", token_heads, HEAD_TYPES),
                                      ("interaction", interaction, INTERACTIONS),
@@ -112,9 +116,13 @@ class SparCode(MatchModel, CodeIndexable):
             raise ValueError(f"SparCode: train_sparsity needs negative_sampler='uniform' (the threshold is a "
                              f"quantile over the sampled items), got {self.negative_sampler!r}")
         for name, value, upper in (("dense_loss_weight", dense_loss_weight, float("inf")),
-                                   ("sparse_grad_leak", sparse_grad_leak, 1.0)):
+                                   ("sparse_grad_leak", sparse_grad_leak, 1.0),
+                                   ("flops_weight", flops_weight, float("inf"))):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= upper:
                 raise ValueError(f"SparCode: {name}={value!r}; expected a number in [0, {upper}]")
+        if flops_weight and train_sparsity is not None:
+            raise ValueError(f"SparCode: flops_weight={flops_weight!r} needs a learned b; got "
+                             f"train_sparsity={train_sparsity!r} (use one of the two)")
         if token_dim % num_codebooks:
             raise ValueError(f"SparCode: token_dim={token_dim} must be divisible by num_codebooks={num_codebooks}")
         self.embedding = FieldEmbedding(feature_map, embedding_dim, self.embedding_init_std,
@@ -144,6 +152,7 @@ class SparCode(MatchModel, CodeIndexable):
                                         dropout=net_dropout)
         self.normalize_tokens = token_norm == "l2"
         self.train_sparsity, self.sparse_grad_leak = train_sparsity, float(sparse_grad_leak)
+        self.flops_weight = float(flops_weight)
         self.dense_loss_weight = float(dense_loss_weight) if train_sparsity is not None else 0.0
         # The share of scores zeroed at the current step; the sparsity_warmup callback ramps it up to
         # train_sparsity.
@@ -156,6 +165,7 @@ class SparCode(MatchModel, CodeIndexable):
         # Set by the Trainer's callbacks (engine/callbacks.py): quantizer_warmup, freeze_codes.
         self.feed_unquantized_tokens, self.codes_frozen = False, False
         self._commit_loss, self.step_stats, self._step_threshold = None, None, None
+        self._flops = None          # training step: FLOPS penalty of the sampled scores (flops_weight)
         self._dense_scores = {}     # training step: max over tokens of S, "negatives" [B, U] and "positives" [B, 1]
         self.reset_parameters()
         self.model_to_device()
@@ -190,7 +200,7 @@ class SparCode(MatchModel, CodeIndexable):
             self._commit_loss = None if self.codes_frozen else commit_loss                # frozen: a constant
             self.step_stats = {"keys": keys, "commitment": float(self.quantizer.last_raw_commitment),
                                "zero_scores": 0, "scores": 0}
-            self._step_threshold, self._dense_scores = None, {}
+            self._step_threshold, self._dense_scores, self._flops = None, {}, None
         return quantized, keys
 
     def freeze_user_side(self):
@@ -236,6 +246,8 @@ class SparCode(MatchModel, CodeIndexable):
         if self.training and self.train_sparsity is not None and self.sparse_grad_leak > 0:
             # value 0, gradient sparse_grad_leak where relu is flat
             sparse = sparse + self.sparse_grad_leak * (shifted - shifted.detach()) * (shifted <= 0)
+        if self.training and sampled and self.flops_weight:
+            self._flops = (sparse.mean(dim=-2) ** 2).mean()               # [B, C, K_u] -> per token, over items
         if self.training and self.step_stats is not None:
             self.step_stats["zero_scores"] += int((sparse == 0).sum())
             self.step_stats["scores"] += sparse.numel()
@@ -276,9 +288,12 @@ class SparCode(MatchModel, CodeIndexable):
         return self._sparse_sum(raw.view(batch, num_tokens, -1).transpose(1, 2), sampled)   # [B, C]
 
     def auxiliary_loss(self, columns=None, excluded=None):
-        """Commitment loss (x lambda) of the last encode_users call in training mode, plus with train_sparsity
-        the dense sampled softmax (x dense_loss_weight) over the same positives and negatives."""
+        """Commitment loss (x lambda) of the last encode_users call in training mode, plus the FLOPS penalty
+        (x flops_weight), plus with train_sparsity the dense sampled softmax (x dense_loss_weight) over the same
+        positives and negatives."""
         loss = 0.0 if self._commit_loss is None else self._commit_loss
+        if self._flops is not None:
+            loss = loss + self.flops_weight * self._flops
         if self.dense_loss_weight and "positives" in self._dense_scores:
             logits = torch.cat([self._dense_scores["positives"], self._dense_scores["negatives"][:, columns]], 1)
             logits = (logits / self.temperature).masked_fill(excluded, float("-inf"))         # [B, 1 + n]

@@ -220,7 +220,8 @@ def two_tower_item_vectors(model, expid):
     if cls is None or not issubclass(cls, VectorServable):
         raise ValueError(f"tree_init_expid={expid!r}: {path} is a {result.get('model')} run; expected a two-tower "
                          f"model with item vectors (DSSM, GRU4Rec, SASRec)")
-    other = cls(model.feature_map, **{**result["params"], "gpu": -1})
+    # only its item vectors are read: a uniform sampler stands in for one that needs the training counts
+    other = cls(model.feature_map, **{**result["params"], "gpu": -1, "negative_sampler": "uniform"})
     other.set_item_corpus(model.item_corpus)
     other.load_weights(result["checkpoint"])
     other.eval()
